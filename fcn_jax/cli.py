@@ -1,0 +1,107 @@
+"""``fcn-jax <command>``: argument parsing only; the work is done by the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fcn_jax.errors import FcnJaxError
+from fcn_jax.models import ARCHS, BACKBONES
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 224x224, got {text!r}") from None
+    return h, w
+
+
+def _cmd_convert(args) -> int:
+    from fcn_jax.convert_checkpoint import TOLERANCE, convert_checkpoint
+
+    result = convert_checkpoint(output=args.output, input=args.input, torchvision=args.torchvision,
+                                arch=args.arch, num_classes=args.num_classes, backbone=args.backbone,
+                                batch_norm=args.batch_norm, seed=args.seed, verify=args.verify,
+                                verify_size=args.verify_size)
+    print(f"wrote {result.output}")
+    for d in result.differences:
+        print(f"verify {d.name:<7} max |jax - torch| = {d.max_abs:.3e}   max |torch| = {d.max_ref:.3e}   "
+              f"relative = {d.relative:.2e}")
+    if not result.verified_ok:
+        print(f"fcn-jax: error: verification failed: relative difference above {TOLERANCE:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_summary(args) -> int:
+    from flax import nnx
+
+    from fcn_jax.models import create_model
+    from fcn_jax.summary import summary
+    from fcn_jax.weights import load_model
+
+    if args.weights:
+        model = load_model(args.weights)
+    else:  # shapes only: no weights are initialised
+        model = nnx.eval_shape(lambda: create_model(args.arch, num_classes=args.num_classes,
+                                                    backbone=args.backbone, batch_norm=args.batch_norm))
+    print(summary(model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcn-jax", description="Fully Convolutional Networks in JAX/Flax NNX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert PyTorch weights to fcn-jax .safetensors (or back to .pth)",
+                       description="Convert a PyTorch FCN or torchvision VGG state_dict to an fcn-jax "
+                                   ".safetensors file, or an fcn-jax file to a PyTorch .pth.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="a .pth/.pt/.bin state_dict, a torch-layout .safetensors, or an fcn-jax "
+                                     ".safetensors (with --output x.pth)")
+    src.add_argument("--torchvision", metavar="NAME",
+                     help="fetch torchvision's ImageNet weights: vgg11..vgg19, optionally _bn (needs internet "
+                          "or torch hub's cache)")
+    p.add_argument("--output", required=True, help="the .safetensors (or .pth) file to write")
+    p.add_argument("--arch", choices=ARCHS, help="FCN variant; required for a whole FCN checkpoint, and "
+                                                 "with a bare VGG builds an FCN around it")
+    p.add_argument("--num-classes", type=int, help="default: read from the checkpoint's classifier")
+    p.add_argument("--backbone", choices=BACKBONES, help="default: read from the weights")
+    p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: read from the weights")
+    p.add_argument("--seed", type=int, default=0, help="init seed of a new decoder and the verify batch")
+    p.add_argument("--verify", action="store_true", help="run PyTorch and JAX on one random batch and print "
+                                                         "the max difference (exit 1 above 1e-5 relative)")
+    p.add_argument("--verify-size", type=_size, default=(224, 224), metavar="HxW")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("summary", help="print every parameter's name, shape and count",
+                       description="Print the parameter table of a model (like the reference's show_params).")
+    p.add_argument("--weights", help="an fcn-jax .safetensors file (overrides the architecture flags)")
+    p.add_argument("--arch", choices=ARCHS, default="fcn8s")
+    p.add_argument("--backbone", choices=BACKBONES, default="vgg16")
+    p.add_argument("--batch-norm", action="store_true")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.set_defaults(func=_cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log = logging.getLogger("fcn_jax")  # our notes only, not JAX's backend chatter
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    try:
+        return args.func(args)
+    except (FcnJaxError, ValueError) as e:
+        print(f"fcn-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""PyTorch state_dicts <-> fcn-jax models, both ways, exactly.
+
+Two torch layouts are understood:
+
+- the whole reference FCN: ``pretrained_net.features.N.*``, ``deconvK.*``, ``bnK.*``, ``classifier.*``;
+- torchvision's VGG: ``features.N.*`` (and ``classifier.{0,3,6}.*``, which FCN does not use and
+  which are ignored with a note).
+
+Every torch layer maps to one Flax layer through the table built by :func:`layer_table`, and each
+layer kind has one transform (:data:`LAYER_KINDS`): Conv2d ``(out, in, kh, kw)`` and ConvTranspose2d
+``(in, out, kh, kw)`` weights are both permuted ``(2, 3, 1, 0)`` into ``(kh, kw, ., .)`` kernels;
+BatchNorm's ``weight, bias, running_mean, running_var, num_batches_tracked`` become ``scale, bias,
+mean, var, num_batches_tracked``. Permutations are exact, so torch -> Flax -> torch is bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fcn_jax.errors import WeightsError, key_problems_message
+from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
+
+log = logging.getLogger("fcn_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    torch: str  # tensor name in the torch layer
+    flax: str  # variable name in the Flax layer
+    perm: tuple[int, ...] | None = None  # torch -> Flax axis permutation
+
+    def to_flax(self, a: np.ndarray) -> np.ndarray:
+        return a if self.perm is None else np.transpose(a, self.perm)
+
+    def to_torch(self, a: np.ndarray) -> np.ndarray:
+        return a if self.perm is None else np.transpose(a, np.argsort(self.perm))
+
+    def torch_shape(self, flax_shape: tuple) -> tuple:
+        return flax_shape if self.perm is None else tuple(flax_shape[i] for i in np.argsort(self.perm))
+
+
+LAYER_KINDS: dict[str, tuple[Field, ...]] = {
+    "conv": (Field("weight", "kernel", (2, 3, 1, 0)), Field("bias", "bias")),
+    "bn": (Field("weight", "scale"), Field("bias", "bias"), Field("running_mean", "mean"),
+           Field("running_var", "var"), Field("num_batches_tracked", "num_batches_tracked")),
+}
+VGG_DEPTHS = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}  # conv layers -> name
+TORCHVISION_CLASSIFIER = tuple(f"classifier.{i}.{t}" for i in (0, 3, 6) for t in ("weight", "bias"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    torch: str  # torch module prefix, e.g. "pretrained_net.features.0"
+    flax: tuple  # path of the Flax module, e.g. ("backbone", "convs", 0)
+    kind: str  # key of LAYER_KINDS
+
+
+def layer_table(model: FCN | VGGBackbone) -> list[Layer]:
+    """The torch-module -> Flax-module table of ``model``, in torch's state_dict order."""
+    if isinstance(model, VGGBackbone):
+        return list(_backbone_layers(model, "features", ()))
+    if isinstance(model, FCN):
+        decoder = [Layer(f"{name}{k}", (f"{name}{k}",), kind)
+                   for k in range(1, 6) for name, kind in (("deconv", "conv"), ("bn", "bn"))]
+        return [*_backbone_layers(model.backbone, "pretrained_net.features", ("backbone",)), *decoder,
+                Layer("classifier", ("classifier",), "conv")]
+    raise TypeError(f"expected an fcn_jax FCN or VGGBackbone, got {type(model).__name__}")
+
+
+def _backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterator[Layer]:
+    for j, (conv, bn) in enumerate(torch_feature_indices(backbone.name, backbone.batch_norm)):
+        yield Layer(f"{prefix}.{conv}", (*path, "convs", j), "conv")
+        if bn is not None:
+            yield Layer(f"{prefix}.{bn}", (*path, "bns", j), "bn")
+
+
+def torch_entries(model) -> Iterator[tuple[str, Field, nnx.Variable]]:
+    """``(torch key, field, Flax variable)`` for every tensor of the torch layout of ``model``."""
+    for layer in layer_table(model):
+        module = model
+        for p in layer.flax:
+            module = module[p] if isinstance(p, int) else getattr(module, p)
+        for field in LAYER_KINDS[layer.kind]:
+            yield f"{layer.torch}.{field.torch}", field, getattr(module, field.flax)
+
+
+def describe(model) -> str:
+    """``FCN8s(vgg16, batch_norm=False, num_classes=21)`` or ``VGGBackbone(vgg16_bn)``."""
+    if isinstance(model, FCN):
+        return (f"{type(model).__name__}({model.backbone.name}, batch_norm={model.backbone.batch_norm}, "
+                f"num_classes={model.num_classes})")
+    return f"VGGBackbone({model.name}{'_bn' if model.batch_norm else ''})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading state_dicts
+
+
+def read_torch_state_dict(source) -> dict[str, np.ndarray]:
+    """A state_dict as ``{key: np.ndarray}`` from a mapping of tensors/arrays, an ``nn.Module``, or a
+    ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or torch-layout ``.safetensors`` path.
+    Checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and a
+    ``module.`` prefix (DataParallel) is removed."""
+    if isinstance(source, (str, os.PathLike)):
+        sd = _read_file(Path(source))
+    elif isinstance(source, Mapping):
+        sd = source
+    elif callable(getattr(source, "state_dict", None)):
+        sd = source.state_dict()
+    else:
+        raise TypeError(f"expected a state_dict, an nn.Module or a path, got {type(source).__name__}")
+    sd = _unwrap(sd)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return {k: _to_numpy(k, v) for k, v in sd.items()}
+
+
+def _unwrap(sd: Mapping) -> Mapping:
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        if isinstance(sd.get(key), Mapping) and not any(_is_array(v) for v in sd.values()):
+            log.info("using the weights under %r of the checkpoint", key)
+            return sd[key]
+    return sd
+
+
+def _is_array(v) -> bool:
+    return hasattr(v, "shape") and hasattr(v, "dtype")
+
+
+def _to_numpy(key: str, v) -> np.ndarray:
+    if not _is_array(v):
+        raise WeightsError(f"state_dict entry {key!r} is a {type(v).__name__}, not a tensor; pass the "
+                           f"model's state_dict (e.g. checkpoint['model']), not a training checkpoint")
+    if type(v).__module__.startswith("torch"):
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        return v.numpy()
+    return np.asarray(v)
+
+
+def _read_file(path: Path) -> Mapping:
+    if not path.is_file():
+        raise WeightsError(f"no such weights file: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), "numpy") as f:
+                if (f.metadata() or {}).get("format", "").startswith("fcn-jax"):
+                    raise WeightsError(f"{path} is an fcn-jax weights file (Flax layout), not a PyTorch "
+                                       f"state_dict: load it with fcn_jax.load_model or fcn_jax.load_weights")
+                return {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or "
+                               f"not a safetensors file: download or save it again") from e
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> Mapping:
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightsError(f"reading {path.name} needs PyTorch: pip install 'fcn-jax[torch]'") from e
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if zipfile.is_zipfile(path):
+            raise WeightsError(
+                f"{path} holds Python objects beyond tensors (a whole pickled model?), which "
+                f"torch.load(weights_only=True) refuses to run; re-save the weights in PyTorch with "
+                f"torch.save(model.state_dict(), path)") from e
+        raise WeightsError(f"{path} is not a PyTorch checkpoint or is corrupt; download or save it again") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"could not read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]}); the "
+                           f"file is truncated or corrupt: download or save it again") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspecting and loading
+
+
+def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
+    """What a torch state_dict holds: ``layout`` ("fcn" or "vgg"), ``backbone``, ``batch_norm``
+    and, for a whole FCN, ``num_classes``. The FCN arch cannot be told from the weights: all four
+    decoders have the same layers."""
+    layout = "fcn" if any(k.startswith("pretrained_net.") for k in sd) else "vgg"
+    prefix = "pretrained_net.features." if layout == "fcn" else "features."
+    feats = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    n_convs = sum(1 for k, v in feats.items() if k.endswith(".weight") and v.ndim == 4)
+    cfg = {"layout": layout, "backbone": VGG_DEPTHS.get(n_convs),
+           "batch_norm": any(k.endswith(".running_mean") for k in feats)}
+    if layout == "fcn" and "classifier.weight" in sd and sd["classifier.weight"].ndim == 4:
+        cfg["num_classes"] = int(sd["classifier.weight"].shape[0])
+    return cfg
+
+
+def _config_hints(found: dict, model) -> list[str]:
+    backbone = model.backbone if isinstance(model, FCN) else model
+    hints = []
+    if found["batch_norm"] != backbone.batch_norm:
+        hints.append(
+            "the state_dict has BatchNorm statistics in its backbone (a vgg*_bn model): build the model "
+            "with batch_norm=True" if found["batch_norm"] else
+            "the state_dict has no BatchNorm layers in its backbone (a plain vgg model): build the model "
+            "with batch_norm=False")
+    if found["backbone"] and found["backbone"] != backbone.name:
+        hints.append(f"the state_dict's backbone has the conv layers of {found['backbone']}: build the "
+                     f"model with backbone={found['backbone']!r}")
+    if isinstance(model, FCN) and found.get("num_classes", model.num_classes) != model.num_classes:
+        hints.append(f"the state_dict's classifier has {found['num_classes']} classes: build the model "
+                     f"with num_classes={found['num_classes']}")
+    return hints
+
+
+@dataclasses.dataclass
+class LoadReport:
+    loaded: list[str]  # torch keys copied into the model
+    ignored: list[str]  # torch keys deliberately skipped (see notes)
+    notes: list[str]
+
+
+def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = True) -> LoadReport:
+    """Copy PyTorch weights into ``model`` (an FCN or ``model.backbone``), in place.
+
+    ``source``: a state_dict (torch tensors or numpy arrays), an ``nn.Module``, or a path (``.pth``,
+    ``.pt``, ``.bin``, torch-layout ``.safetensors``). A whole reference FCN loads into an FCN; a
+    torchvision VGG state_dict loads into a :class:`VGGBackbone` (its fully connected
+    ``classifier`` is ignored), as does the backbone part of a whole FCN.
+
+    Nothing is written unless everything fits: every missing, unexpected (with ``strict``) and
+    mis-shaped key is collected into one :class:`~fcn_jax.errors.WeightsError`, with hints when the
+    state_dict comes from another backbone depth, BatchNorm variant or number of classes.
+    """
+    sd = read_torch_state_dict(source)
+    found = infer_config(sd)
+    ignored, notes = [], []
+    if isinstance(model, VGGBackbone):
+        if found["layout"] == "fcn":
+            sd = {k[len("pretrained_net."):]: v for k, v in sd.items() if k.startswith("pretrained_net.")}
+            notes.append("loaded the backbone of a whole FCN state_dict; its decoder was ignored")
+        ignored = [k for k in TORCHVISION_CLASSIFIER if k in sd]
+        if ignored:
+            notes.append("ignored torchvision's fully connected classifier (classifier.0/3/6), which FCN "
+                         "does not use")
+            sd = {k: v for k, v in sd.items() if k not in ignored}
+    elif found["layout"] == "vgg" and any(k.startswith("features.") for k in sd):
+        raise WeightsError(f"this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
+                           f"into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")
+
+    entries = {key: (field, var) for key, field, var in torch_entries(model)}
+    missing = [(k, field.torch_shape(var.shape)) for k, (field, var) in entries.items() if k not in sd]
+    unexpected = [(k, v.shape) for k, v in sd.items() if k not in entries] if strict else []
+    misshaped = [(k, field.torch_shape(var.shape), sd[k].shape) for k, (field, var) in entries.items()
+                 if k in sd and sd[k].shape != field.torch_shape(var.shape)]
+    if missing or unexpected or misshaped:
+        raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped,
+                                                _config_hints(found, model)))
+    for key, (field, var) in entries.items():
+        var[...] = jnp.asarray(field.to_flax(sd[key]), dtype=var[...].dtype)
+    for note in notes:
+        log.info(note)
+    ignored += [k for k in sd if k not in entries]
+    return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
+
+
+def to_torch_state_dict(model: FCN | VGGBackbone, *, as_torch: bool = False) -> dict:
+    """The torch state_dict of ``model``: the reference FCN layout for an FCN, torchvision's
+    ``features.N.*`` for a backbone. Values are numpy arrays (``num_batches_tracked`` int64, as
+    torch keeps it); ``as_torch=True`` gives torch tensors, ready for
+    ``torch_model.load_state_dict(sd, strict=True)``."""
+    sd = {}
+    for key, field, var in torch_entries(model):
+        a = field.to_torch(np.asarray(var[...]))
+        sd[key] = a.astype(np.int64) if field.torch == "num_batches_tracked" else np.ascontiguousarray(a)
+    if as_torch:
+        import torch
+
+        sd = {k: torch.tensor(v) for k, v in sd.items()}  # a writable copy
+    return sd

@@ -1,0 +1,136 @@
+"""Layers with PyTorch's numerics, in NHWC.
+
+Each layer matches its ``torch.nn`` counterpart exactly (up to float rounding) once the weights are
+converted with :mod:`fcn_jax.convert`. Kernels use Flax's layouts:
+
+- :class:`Conv2d`: kernel ``(kh, kw, in, out)`` = torch ``weight.permute(2, 3, 1, 0)``.
+- :class:`ConvTranspose2d`: kernel ``(kh, kw, out, in)`` = torch ``weight.permute(2, 3, 1, 0)``
+  (torch stores transposed-conv weights as ``(in, out, kh, kw)``), the layout of Flax's
+  ``ConvTranspose(transpose_kernel=True)``.
+- :class:`BatchNorm2d`: ``scale, bias`` (params), ``mean, var, num_batches_tracked`` (batch stats).
+
+``precision`` is passed to XLA's convolutions. ``None`` means the backend default, which is exact fp32
+on CPU and GPU but one bf16 pass on TPU; use ``"highest"`` (or ``jax.default_matmul_precision``)
+where fp32 results must match PyTorch on TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Conv2d(nnx.Module):
+    """``torch.nn.Conv2d`` (zero padding, no groups): ``(N, H, W, in) -> (N, H', W', out)``."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, dilation: int = 1, use_bias: bool = True,
+                 kernel_init=nnx.initializers.kaiming_normal(), dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+        kh, kw = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.dtype, self.precision = dtype, precision
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=self.stride,
+            padding=[(p, p) for p in self.padding], rhs_dilation=self.dilation,
+            dimension_numbers=_NHWC, precision=self.precision)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class ConvTranspose2d(nnx.Module):
+    """``torch.nn.ConvTranspose2d`` (no groups): ``(N, H, W, in) -> (N, H', W', out)`` with
+    ``H' = (H - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1``.
+
+    Computed as a stride-1 convolution of the input dilated by ``stride`` with the spatially flipped
+    kernel and the explicit padding ``(d(k-1) - p, d(k-1) - p + output_padding)`` per axis. Flax's
+    ``padding="SAME"`` gives the same shape but is shifted by one pixel, so it is not used.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+                 padding: int = 0, output_padding: int = 0, dilation: int = 1, use_bias: bool = True,
+                 kernel_init=nnx.initializers.kaiming_normal(), dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+        kh, kw = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        padding, output_padding = _pair(padding), _pair(output_padding)
+        if any(op >= max(s, d) for op, s, d in zip(output_padding, self.stride, self.dilation)):
+            raise ValueError(f"output_padding {output_padding} must be smaller than stride "
+                             f"{self.stride} or dilation {self.dilation}, as in PyTorch")
+        self.padding = tuple(
+            (d * (k - 1) - p, d * (k - 1) - p + op)
+            for k, p, op, d in zip((kh, kw), padding, output_padding, self.dilation))
+        self.dtype, self.precision = dtype, precision
+        self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, out_features, in_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # (kh, kw, out, in) -> flipped (kh, kw, in, out): the forward-conv kernel of the transpose.
+        kernel = jnp.flip(self.kernel[...], (0, 1)).swapaxes(2, 3).astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel, window_strides=(1, 1), padding=self.padding,
+            lhs_dilation=self.stride, rhs_dilation=self.dilation, dimension_numbers=_NHWC,
+            precision=self.precision)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+class BatchNorm2d(nnx.Module):
+    """``torch.nn.BatchNorm2d`` over the channel (last) axis of NHWC input.
+
+    Train mode (``use_running_average=False``, the default, as in PyTorch) normalises with the batch
+    mean and biased batch variance and updates ``mean <- (1 - m) mean + m batch_mean`` and
+    ``var <- (1 - m) var + m batch_var * n / (n - 1)`` (the *unbiased* variance, as PyTorch does;
+    ``flax.nnx.BatchNorm`` uses the biased one), with PyTorch's momentum ``m = 0.1``. Under ``jit``
+    with a batch sharded over devices the statistics are over the global batch (SyncBatchNorm).
+
+    Statistics are computed and kept in ``param_dtype`` (float32 by default) even when ``dtype`` is
+    bfloat16, so mixed precision does not degrade the running averages.
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+                 use_running_average: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.momentum, self.epsilon = momentum, epsilon
+        self.use_running_average = use_running_average
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), param_dtype))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), param_dtype))
+        # Unused by the maths (momentum is fixed) but kept so torch -> JAX -> torch is exact.
+        self.num_batches_tracked = nnx.BatchStat(jnp.asarray(0))  # int32, or int64 under x64
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        stats_dtype = jnp.promote_types(self.mean[...].dtype, x.dtype)
+        if self.use_running_average:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            n = x.size // x.shape[-1]
+            if n < 2:
+                raise ValueError(f"BatchNorm2d in train mode needs more than 1 value per channel, got "
+                                 f"input shape {x.shape}; use a larger batch or model.eval()")
+            xs = x.astype(stats_dtype)
+            mean = xs.mean(axis=(0, 1, 2))
+            var = jnp.square(xs - mean).mean(axis=(0, 1, 2))
+            m = self.momentum
+            self.mean[...] = ((1 - m) * self.mean[...] + m * mean).astype(self.mean[...].dtype)
+            self.var[...] = ((1 - m) * self.var[...] + m * var * (n / (n - 1))).astype(self.var[...].dtype)
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
+        # (x - mean) * inv as PyTorch does; folding mean into the shift loses digits when |mean| >> std.
+        inv = jax.lax.rsqrt(var.astype(stats_dtype) + self.epsilon) * self.scale[...]
+        y = (x.astype(stats_dtype) - mean.astype(stats_dtype)) * inv + self.bias[...]
+        return y.astype(self.dtype)
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped, as in PyTorch."""
+    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")

@@ -1,0 +1,95 @@
+"""VGG feature extractor (Simonyan & Zisserman, 2015) as the FCN backbone.
+
+A cfg entry ``v`` is a 3x3 convolution (padding 1) to ``v`` channels followed by ReLU (conv -> BN ->
+ReLU in the ``_bn`` variants); ``"M"`` is a 2x2 max-pool with stride 2. The backbone returns the
+five feature maps taken right after each pool: ``x1`` (stride 2, 64 ch) .. ``x5`` (stride 32, 512 ch).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2
+
+CFGS: dict[str, tuple] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
+              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+BACKBONES = tuple(CFGS)
+
+
+def check_backbone_name(name: str) -> tuple:
+    """The cfg of ``name``, or a ValueError listing the valid names."""
+    if name not in CFGS:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} "
+                         f"(BatchNorm variants: pass batch_norm=True)")
+    return CFGS[name]
+
+
+def torch_feature_indices(name: str, batch_norm: bool) -> list[tuple[int, int | None]]:
+    """For each conv of the cfg, its index in torchvision's flat ``features`` Sequential and that of
+    its BatchNorm (None without BN). Every conv, BN, ReLU and pool takes one index."""
+    indices, i = [], 0
+    for v in check_backbone_name(name):
+        if v == "M":
+            i += 1
+        else:
+            indices.append((i, i + 1 if batch_norm else None))
+            i += 3 if batch_norm else 2
+    return indices
+
+
+def feature_ranges(name: str, batch_norm: bool) -> tuple[tuple[int, int], ...]:
+    """The reference's ``ranges``: half-open intervals of ``features`` indices, each ending right
+    after a max-pool. Derived from the cfg, so it is right for the ``_bn`` variants too."""
+    ranges, start, i = [], 0, 0
+    for v in check_backbone_name(name):
+        i += 1 if v == "M" else (3 if batch_norm else 2)
+        if v == "M":
+            ranges.append((start, i))
+            start = i
+    return tuple(ranges)
+
+
+class VGGBackbone(nnx.Module):
+    """VGG ``features``: ``(N, H, W, 3)`` NHWC -> ``{"x1": (N, H/2, W/2, 64), ..., "x5": (N, H/32,
+    W/32, 512)}``. Pools floor odd sizes like ``torch.nn.MaxPool2d``.
+
+    Parameters: ``convs[j].kernel/bias`` for the j-th conv of the cfg and, with ``batch_norm``,
+    ``bns[j]`` after it. Load torchvision's ImageNet weights with
+    ``fcn_jax.load_torch_state_dict(backbone, torchvision.models.vgg16(...).state_dict())``; they
+    expect RGB in [0, 1] normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+    """
+
+    def __init__(self, name: str = "vgg16", *, batch_norm: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+        self.name, self.batch_norm = name, batch_norm
+        self.cfg = check_backbone_name(name)
+        widths = [v for v in self.cfg if v != "M"]
+        # fan_out He init, as torchvision initialises VGG.
+        init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+        self.convs = nnx.List([
+            Conv2d(cin, cout, 3, padding=1, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
+                   precision=precision, rngs=rngs)
+            for cin, cout in zip([3, *widths[:-1]], widths)])
+        self.bns = nnx.List([BatchNorm2d(c, dtype=dtype, param_dtype=param_dtype) for c in widths]
+                            if batch_norm else [])
+
+    def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
+        feats, j = {}, 0
+        for v in self.cfg:
+            if v == "M":
+                x = max_pool_2x2(x)
+                feats[f"x{len(feats) + 1}"] = x
+            else:
+                x = self.convs[j](x)
+                if self.batch_norm:
+                    x = self.bns[j](x)
+                x = jax.nn.relu(x)
+                j += 1
+        return feats

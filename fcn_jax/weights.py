@@ -1,0 +1,129 @@
+"""fcn-jax's own weights format: safetensors in the Flax layout, with the model's config as metadata.
+
+Keys are Flax variable paths joined with dots (``backbone.convs.0.kernel``, ``bn1.mean``); the
+metadata records ``format``, ``model`` ("fcn" or "vgg" for a bare backbone), ``arch``,
+``backbone``, ``batch_norm`` and ``num_classes``, so :func:`load_model` rebuilds the right model.
+Reading needs neither PyTorch nor pickle. Files are written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fcn_jax.convert import describe
+from fcn_jax.errors import WeightsError, key_problems_message
+from fcn_jax.models import FCN, VGGBackbone, create_model
+
+FORMAT = "fcn-jax/1"
+
+
+def model_config(model: FCN | VGGBackbone) -> dict:
+    """The constructor arguments that rebuild ``model``'s architecture."""
+    if isinstance(model, FCN):
+        return {"model": "fcn", "arch": model.arch, "backbone": model.backbone.name,
+                "batch_norm": model.backbone.batch_norm, "num_classes": model.num_classes}
+    if isinstance(model, VGGBackbone):
+        return {"model": "vgg", "backbone": model.name, "batch_norm": model.batch_norm}
+    raise TypeError(f"expected an fcn_jax FCN or VGGBackbone, got {type(model).__name__}")
+
+
+def flat_variables(model) -> dict[str, nnx.Variable]:
+    """``{"backbone.convs.0.kernel": variable, ...}``: every parameter and BatchNorm statistic."""
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> Path:
+    """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file."""
+    from safetensors.flax import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise WeightsError(f"weights are saved as .safetensors, got {path.name!r}")
+    meta = {"format": FORMAT, **{k: str(v) for k, v in model_config(model).items()}}
+    tensors = {k: jnp.asarray(v[...]) for k, v in flat_variables(model).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config, tensors)`` of an fcn-jax weights file, with clear errors for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"no such weights file: {path}")
+    try:
+        with safe_open(str(path), "flax") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or not a "
+                           f"safetensors file: save or convert it again") from e
+    if meta.get("format") != FORMAT:
+        raise WeightsError(f"{path} is not an fcn-jax weights file (metadata format {meta.get('format')!r}, "
+                           f"expected {FORMAT!r}); for PyTorch weights use fcn_jax.load_torch_state_dict or "
+                           f"`fcn-jax convert`")
+    config = {"model": meta.get("model", "fcn"), "backbone": meta.get("backbone"),
+              "batch_norm": meta.get("batch_norm") == "True"}
+    if config["model"] == "fcn":
+        config.update(arch=meta.get("arch"), num_classes=int(meta.get("num_classes", 0)))
+    return config, tensors
+
+
+def load_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> dict:
+    """Copy an fcn-jax weights file into ``model`` in place; returns the file's config.
+
+    A backbone loads from a backbone file or from the backbone part of a whole-FCN file. Nothing is
+    written unless every variable is present with the right shape."""
+    config, tensors = read_weights(path)
+    _copy_into(model, config, tensors, path)
+    return config
+
+
+def _copy_into(model, config: dict, tensors: dict, path) -> None:
+    if isinstance(model, VGGBackbone) and config["model"] == "fcn":
+        tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+    elif isinstance(model, FCN) and config["model"] == "vgg":
+        raise WeightsError(f"{path} holds a bare {config['backbone']} backbone: load it with "
+                           f"fcn_jax.load_weights(model.backbone, path)")
+    want = flat_variables(model)
+    missing = [(k, v.shape) for k, v in want.items() if k not in tensors]
+    unexpected = [(k, v.shape) for k, v in tensors.items() if k not in want]
+    misshaped = [(k, v.shape, tensors[k].shape) for k, v in want.items()
+                 if k in tensors and tensors[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        mine = model_config(model)
+        hints = [f"the file was saved from a model with {key}={config[key]!r}, this model has {mine[key]!r}"
+                 for key in ("backbone", "batch_norm", "num_classes") if key in mine and key in config
+                 and config[key] != mine[key]]
+        raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped, hints))
+    for k, var in want.items():
+        var[...] = tensors[k].astype(var[...].dtype)
+
+
+def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               precision=None) -> FCN | VGGBackbone:
+    """Rebuild the model saved by :func:`save_weights` (architecture from the file's metadata).
+
+    Returns it in eval mode, ready for inference; call ``model.train()`` to fine-tune."""
+    config, tensors = read_weights(path)
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, precision=precision)
+    if config["model"] == "vgg":
+        model = VGGBackbone(config["backbone"], batch_norm=config["batch_norm"], rngs=nnx.Rngs(0), **kwargs)
+    else:
+        model = create_model(config["arch"], num_classes=config["num_classes"], backbone=config["backbone"],
+                             batch_norm=config["batch_norm"], **kwargs)
+    _copy_into(model, config, tensors, path)
+    model.eval()
+    return model
