@@ -268,7 +268,9 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
         raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped,
                                                 _config_hints(found, model)))
     for key, (field, var) in entries.items():
-        var[...] = jnp.asarray(field.to_flax(sd[key]), dtype=var[...].dtype)
+        # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
+        # updates BatchNorm statistics in place.
+        var[...] = jnp.array(field.to_flax(sd[key]), dtype=var[...].dtype, copy=True)
     for note in notes:
         log.info(note)
     ignored += [k for k in sd if k not in entries]
