@@ -248,13 +248,15 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     ignored, notes = [], []
     if isinstance(model, VGGBackbone):
         if found["layout"] == "fcn":
+            ignored = [k for k in sd if not k.startswith("pretrained_net.")]
             sd = {k[len("pretrained_net."):]: v for k, v in sd.items() if k.startswith("pretrained_net.")}
             notes.append("loaded the backbone of a whole FCN state_dict; its decoder was ignored")
-        ignored = [k for k in TORCHVISION_CLASSIFIER if k in sd]
-        if ignored:
+        fully_connected = [k for k in TORCHVISION_CLASSIFIER if k in sd]
+        if fully_connected:
             notes.append("ignored torchvision's fully connected classifier (classifier.0/3/6), which FCN "
                          "does not use")
-            sd = {k: v for k, v in sd.items() if k not in ignored}
+            ignored += fully_connected
+            sd = {k: v for k, v in sd.items() if k not in fully_connected}
     elif found["layout"] == "vgg" and any(k.startswith("features.") for k in sd):
         raise WeightsError(f"this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
                            f"into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")

@@ -1,0 +1,143 @@
+"""Each layer of fcn_jax.layers against its torch.nn counterpart."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from fcn_jax.layers import BatchNorm2d, Conv2d, ConvTranspose2d, max_pool_2x2
+from tests.helpers import assert_close, nchw, nhwc
+
+RTOL = 1e-5
+
+
+def _x(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+@pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 0, 1), (5, 1, 2, 2), (3, 3, 2, 1)])
+def test_conv2d_matches_torch(torch, k, s, p, d):
+    ref = torch.nn.Conv2d(4, 6, k, stride=s, padding=p, dilation=d)
+    ours = Conv2d(4, 6, k, stride=s, padding=p, dilation=d, rngs=nnx.Rngs(0))
+    ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+    ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+    x = _x((2, 4, 13, 17))
+    with torch.no_grad():
+        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
+
+
+TRANSPOSE_SETTINGS = [(k, s, p, op, d) for k, s, p, op, d in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2),
+                                                                                (0, 1, 2), (1, 2))
+                      if op < max(s, d) and p <= d * (k - 1)]
+
+
+@pytest.mark.parametrize("k,s,p,op,d", TRANSPOSE_SETTINGS)
+def test_conv_transpose2d_matches_torch(torch, k, s, p, op, d):
+    ref = torch.nn.ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d)
+    ours = ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d, rngs=nnx.Rngs(0))
+    ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+    ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+    x = _x((2, 3, 7, 6))
+    with torch.no_grad():
+        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL, "values and shape")
+
+
+def test_fcn_deconv_doubles_size_and_same_padding_would_not_match(torch):
+    """The FCN deconv (k3 s2 p1 op1) maps H -> 2H; Flax's padding="SAME" has that shape but is
+    shifted by one pixel, which is why ConvTranspose2d uses explicit padding."""
+    ref = torch.nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
+    x = _x((1, 4, 5, 7))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x)).numpy()
+    assert want.shape[2:] == (10, 14)
+    flax_same = nnx.ConvTranspose(4, 4, (3, 3), strides=(2, 2), padding="SAME", transpose_kernel=True,
+                                  rngs=nnx.Rngs(0))
+    flax_same.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+    flax_same.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+    shifted = nchw(flax_same(jnp.asarray(nhwc(x))))
+    assert shifted.shape == want.shape and np.abs(shifted - want).max() > 1e-2
+
+
+def test_conv_transpose_rejects_output_padding_too_large():
+    with pytest.raises(ValueError, match="output_padding"):
+        ConvTranspose2d(2, 2, 3, stride=2, output_padding=2, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 9), (3, 5)])
+def test_max_pool_matches_torch_including_odd_sizes(torch, h, w):
+    x = _x((2, 3, h, w))
+    ref = torch.nn.MaxPool2d(2, 2)(torch.from_numpy(x)).numpy()
+    out = nchw(max_pool_2x2(jnp.asarray(nhwc(x))))
+    assert out.shape == ref.shape
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_max_pool_keeps_bfloat16():
+    assert max_pool_2x2(jnp.ones((1, 4, 4, 2), jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _bn_pair(torch, c=6, seed=0):
+    from fcn_jax.reference import randomize_batchnorm_
+
+    ref = randomize_batchnorm_(torch.nn.BatchNorm2d(c), seed)
+    ours = BatchNorm2d(c)
+    for flax_name, torch_name in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
+                                  ("var", "running_var"), ("num_batches_tracked", "num_batches_tracked")):
+        getattr(ours, flax_name)[...] = jnp.array(getattr(ref, torch_name).detach().numpy())
+    return ref, ours
+
+
+def test_batchnorm_train_mode_and_running_stats_match_torch(torch):
+    """Three train steps with n = 2*3*2 = 12 values per channel: outputs and the running statistics
+    (unbiased variance, momentum 0.1) follow torch; nnx.BatchNorm's biased update would not."""
+    ref, ours = _bn_pair(torch)
+    for step in range(3):
+        x = _x((2, 6, 3, 2), seed=step) * 3 + 1
+        out = ours(jnp.asarray(nhwc(x)))
+        assert_close(nchw(out), ref(torch.from_numpy(x)).detach().numpy(), RTOL, f"step {step}")
+    assert_close(ours.mean[...], ref.running_mean.numpy(), RTOL, "running mean")
+    assert_close(ours.var[...], ref.running_var.numpy(), RTOL, "running var")
+    assert int(ours.num_batches_tracked[...]) == int(ref.num_batches_tracked)
+
+
+def test_batchnorm_eval_mode_uses_running_stats_and_does_not_update(torch):
+    ref, ours = _bn_pair(torch, seed=1)
+    ref.eval(), ours.eval()
+    before = np.asarray(ours.var[...]).copy()
+    x = _x((2, 6, 4, 4)) * 2 - 1
+    with torch.no_grad():
+        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
+    np.testing.assert_array_equal(ours.var[...], before)
+
+
+def test_batchnorm_bfloat16_compute_keeps_float32_statistics():
+    bn = BatchNorm2d(4, dtype=jnp.bfloat16)
+    y = bn(jnp.asarray(_x((2, 5, 5, 4)), jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16 and bn.mean[...].dtype == jnp.float32 and bn.var[...].dtype == jnp.float32
+    assert np.all(np.asarray(bn.var[...]) != 1.0)
+
+
+def test_batchnorm_under_jit_updates_statistics():
+    bn = BatchNorm2d(3)
+
+    @nnx.jit
+    def step(bn, x):
+        return bn(x)
+
+    step(bn, jnp.asarray(_x((2, 4, 4, 3))))
+    assert int(bn.num_batches_tracked[...]) == 1 and np.abs(np.asarray(bn.mean[...])).max() > 0
+
+
+def test_batchnorm_train_mode_needs_two_values_per_channel():
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm2d(3)(jnp.ones((1, 1, 1, 3)))
+
+
+def test_precision_argument_reaches_the_convolution():
+    conv = Conv2d(2, 2, 3, padding=1, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
+    assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in str(jax.make_jaxpr(conv)(jnp.ones((1, 4, 4, 2))))

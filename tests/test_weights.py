@@ -1,0 +1,106 @@
+"""fcn-jax's safetensors format: exact round trips, config metadata, atomic writes, clear errors."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fcn_jax
+from fcn_jax import WeightsError
+
+
+def _trained_model(**kw):
+    model = fcn_jax.create_model("fcns", num_classes=4, backbone="vgg11", batch_norm=True, seed=1, **kw)
+    model(np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32))  # BN stats off defaults
+    return model
+
+
+def _assert_same_state(a, b):
+    fa, fb = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, va), (_, vb) in zip(fa, fb):
+        assert va[...].dtype == vb[...].dtype, path
+        np.testing.assert_array_equal(va[...], vb[...], err_msg=str(path))
+
+
+def test_save_and_load_model_round_trip_exactly(tmp_path):
+    model = _trained_model()
+    fcn_jax.save_weights(model, tmp_path / "m.safetensors")
+    loaded = fcn_jax.load_model(tmp_path / "m.safetensors")
+    assert type(loaded).__name__ == "FCNs" and loaded.num_classes == 4
+    assert loaded.backbone.name == "vgg11" and loaded.backbone.batch_norm
+    assert loaded.bn1.use_running_average  # ready for inference
+    _assert_same_state(model, loaded)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
+
+
+def test_bfloat16_params_round_trip(tmp_path):
+    model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11", param_dtype=jnp.bfloat16,
+                                 dtype=jnp.bfloat16)
+    fcn_jax.save_weights(model, tmp_path / "bf16.safetensors")
+    again = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11", param_dtype=jnp.bfloat16,
+                                 dtype=jnp.bfloat16, seed=5)
+    fcn_jax.load_weights(again, tmp_path / "bf16.safetensors")
+    _assert_same_state(model, again)
+
+
+def test_backbone_files_and_backbone_of_a_whole_fcn(tmp_path):
+    model = _trained_model()
+    fcn_jax.save_weights(model, tmp_path / "fcn.safetensors")
+    fcn_jax.save_weights(model.backbone, tmp_path / "vgg.safetensors")
+    bare = fcn_jax.load_model(tmp_path / "vgg.safetensors")
+    assert isinstance(bare, fcn_jax.VGGBackbone)
+    _assert_same_state(model.backbone, bare)
+    fresh = fcn_jax.create_model("fcn8s", num_classes=9, backbone="vgg11", batch_norm=True, seed=3)
+    fcn_jax.load_weights(fresh.backbone, tmp_path / "fcn.safetensors")  # backbone of a whole FCN
+    _assert_same_state(model.backbone, fresh.backbone)
+    with pytest.raises(WeightsError, match=r"holds a bare vgg11 backbone: load it with .*model\.backbone"):
+        fcn_jax.load_weights(fresh, tmp_path / "vgg.safetensors")
+
+
+def test_mismatched_model_lists_keys_with_hints(tmp_path):
+    fcn_jax.save_weights(_trained_model(), tmp_path / "m.safetensors")
+    other = fcn_jax.create_model("fcns", num_classes=7, backbone="vgg11", batch_norm=False)
+    with pytest.raises(WeightsError) as info:
+        fcn_jax.load_weights(other, tmp_path / "m.safetensors")
+    msg = str(info.value)
+    assert "hint: the file was saved from a model with batch_norm=True, this model has False" in msg
+    assert "hint: the file was saved from a model with num_classes=4, this model has 7" in msg
+    assert "mis-shaped: classifier.kernel: expected (1, 1, 32, 7), got (1, 1, 32, 4)" in msg
+    assert "unexpected: backbone.bns.0.mean (shape (64,))" in msg
+
+
+def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    import safetensors.flax
+
+    path = tmp_path / "m.safetensors"
+    model = _trained_model()
+    fcn_jax.save_weights(model, path)
+    before = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.flax, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        fcn_jax.save_weights(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_bad_weight_files(tmp_path):
+    from safetensors.numpy import save_file
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x01" * 64)
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "foreign.safetensors"))
+    cases = {"none.safetensors": "no such weights file",
+             "bad.safetensors": "the file is truncated or not a safetensors file",
+             "foreign.safetensors": "is not an fcn-jax weights file"}
+    for name, message in cases.items():
+        with pytest.raises(WeightsError, match=message):
+            fcn_jax.load_model(tmp_path / name)
+    with pytest.raises(WeightsError, match=r"saved as \.safetensors"):
+        fcn_jax.save_weights(_trained_model(), tmp_path / "m.pth")
