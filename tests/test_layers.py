@@ -47,6 +47,29 @@ def test_conv_transpose2d_matches_torch(torch, k, s, p, op, d):
         assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL, "values and shape")
 
 
+@pytest.mark.parametrize("k,s,p,op,d", TRANSPOSE_SETTINGS)
+def test_conv_transpose2d_gradients_match_torch(torch, k, s, p, op, d):
+    """The custom VJP (gradients through the strided forward conv) against torch's autograd, float64."""
+    ref = torch.nn.ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d).double()
+    x = torch.from_numpy(_x((2, 3, 7, 6)).astype(np.float64)).requires_grad_()
+    y = ref(x)
+    cot = np.random.default_rng(1).standard_normal(tuple(y.shape))
+    (y * torch.from_numpy(cot)).sum().backward()
+    with jax.enable_x64(True):
+        ours = ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d, dtype=jnp.float64,
+                               param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+
+        def f(layer, xx):
+            return jnp.sum(layer(xx) * jnp.asarray(cot.transpose(0, 2, 3, 1)))
+
+        grads, dx = nnx.grad(f, argnums=(0, 1))(ours, jnp.asarray(nhwc(x.detach().numpy())))
+    assert_close(nchw(dx), x.grad.numpy(), 1e-10, "input gradient")
+    assert_close(np.asarray(grads["kernel"][...]).transpose(3, 2, 0, 1), ref.weight.grad.numpy(), 1e-10, "kernel")
+    assert_close(grads["bias"][...], ref.bias.grad.numpy(), 1e-10, "bias")
+
+
 def test_fcn_deconv_doubles_size_and_same_padding_would_not_match(torch):
     """The FCN deconv (k3 s2 p1 op1) maps H -> 2H; Flax's padding="SAME" has that shape but is
     shifted by one pixel, which is why ConvTranspose2d uses explicit padding."""

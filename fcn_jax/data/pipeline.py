@@ -1,0 +1,155 @@
+"""Deterministic, resumable, per-process-sharded batches for segmentation.
+
+Order: epoch ``e`` visits the samples in ``permutation(seed, e)``; global batch ``b`` is the slice
+``[b*B, (b+1)*B)`` of it, and process ``p`` of ``P`` takes the ``p``-th ``B/P`` of that batch.
+Augmentation draws from ``rng(seed, epoch, sample)``. So every batch depends only on
+``(seed, epoch, b)``: the iterator's state is those two integers, saved with each checkpoint, and a
+resumed run sees exactly the batches an uninterrupted one would, on any number of processes.
+
+A dataset is any object with ``__len__``, ``__getitem__(i) -> (image uint8 (H, W, 3) RGB, label
+(H, W) ints)``, ``num_classes``, ``class_names``, ``ignore_index`` and ``palette``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+REFERENCE_BGR_MEAN = (103.939, 116.779, 123.68)  # the reference's BGR means, in 0..255
+
+
+def normalize(images: np.ndarray, mode: str = "imagenet") -> np.ndarray:
+    """uint8 RGB ``(..., H, W, 3)`` -> float32 network input.
+
+    ``imagenet``: RGB / 255, minus mean, divided by std (what torchvision's VGG weights expect).
+    ``reference``: the reference's BGR order, / 255, minus its BGR means / 255, no std division."""
+    x = images.astype(np.float32) / 255.0
+    if mode == "imagenet":
+        return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    if mode == "reference":
+        return x[..., ::-1] - np.array(REFERENCE_BGR_MEAN, np.float32) / 255.0
+    raise ValueError(f"unknown normalisation {mode!r}; choose imagenet or reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random scale (bilinear image, nearest label), then a random crop to ``crop`` (padding with
+    zeros / the ignore label where the image is smaller), then a horizontal flip with probability 1/2."""
+
+    crop: tuple[int, int] | None = None
+    scale: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = True
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, ignore_index: int):
+        if self.scale != (1.0, 1.0):
+            s = rng.uniform(*self.scale)
+            h, w = label.shape
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+        if self.crop is not None:
+            ch, cw = self.crop
+            h, w = label.shape
+            if h < ch or w < cw:
+                pad = ((0, max(ch - h, 0)), (0, max(cw - w, 0)))
+                image = np.pad(image, (*pad, (0, 0)))
+                label = np.pad(label, pad, constant_values=ignore_index)
+                h, w = label.shape
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            image, label = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+        if self.hflip and rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return image, label
+
+
+def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: str) -> None:
+    """A clear error for a label outside ``[0, num_classes)`` that is not the ignore label."""
+    bad = (label >= num_classes) & (label != ignore_index)
+    if bad.any() or (label < 0).any():
+        values = sorted(set(np.unique(label[bad | (label < 0)]).tolist()))[:10]
+        raise ValueError(f"{where}: label values {values} are outside [0, {num_classes}) and not the ignore label "
+                         f"{ignore_index}; check the mask files or the dataset's num_classes")
+
+
+class Loader:
+    """Batches ``{"image": float32 (b, H, W, 3), "label": int32 (b, H, W)}`` of this process's share.
+
+    ``global_batch_size`` must divide by ``process_count``. ``shuffle=False`` keeps dataset order
+    (evaluation); ``drop_last`` drops the incomplete final batch (training); otherwise the last batch
+    is padded with copies whose labels are all ``ignore_index``, so metrics are unaffected.
+    """
+
+    def __init__(self, dataset, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 augment: Augment | None = None, normalization: str = "imagenet", drop_last: bool = True,
+                 process_index: int = 0, process_count: int = 1, workers: int = 2):
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
+        if drop_last and len(dataset) < global_batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {global_batch_size}")
+        self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
+        self.shuffle, self.augment, self.normalization, self.drop_last = shuffle, augment, normalization, drop_last
+        self.local_batch_size = global_batch_size // process_count
+        self.process_index = process_index
+        self.epoch, self.batch = 0, 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        n = len(self.dataset)
+        return n // self.global_batch_size if self.drop_last else -(-n // self.global_batch_size)
+
+    def state(self) -> dict:
+        """Where the next batch comes from; :meth:`restore` it to resume exactly there."""
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.dataset)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def __iter__(self) -> Iterator[dict]:
+        """The rest of the current epoch, loading one batch ahead; then the state moves to the next
+        epoch. The state counts a batch as consumed once it has been handed out."""
+        order = self.order(self.epoch)
+
+        def submit(b):
+            return self._pool.submit(self._load, self._local_indices(order, b), self.epoch) if b < len(self) else None
+
+        ahead = submit(self.batch)
+        while ahead is not None:
+            current, ahead = ahead, submit(self.batch + 1)
+            batch = current.result()
+            self.batch += 1
+            yield batch
+        self.epoch, self.batch = self.epoch + 1, 0
+
+    def _local_indices(self, order: np.ndarray, batch: int) -> list[int | None]:
+        start = batch * self.global_batch_size + self.process_index * self.local_batch_size
+        idx = order[start:start + self.local_batch_size].tolist()
+        return idx + [None] * (self.local_batch_size - len(idx))  # None: padding of a final batch
+
+    def _load(self, indices: list[int | None], epoch: int) -> dict:
+        images, labels = [], []
+        ignore = self.dataset.ignore_index
+        for i in indices:
+            image, label = self.dataset[i if i is not None else 0]
+            if self.augment is not None:
+                image, label = self.augment(image, label, np.random.default_rng([self.seed, epoch, i or 0]), ignore)
+            if i is None:
+                label = np.full_like(label, ignore)
+            images.append(image)
+            labels.append(label)
+        try:
+            image_batch, label_batch = np.stack(images), np.stack(labels).astype(np.int32)
+        except ValueError as e:
+            raise ValueError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
+                             f"use a crop size or batch size 1") from e
+        check_label(label_batch, self.dataset.num_classes, ignore, f"batch of samples {indices}")
+        return {"image": normalize(image_batch, self.normalization), "label": label_batch}
