@@ -8,6 +8,7 @@ import sys
 
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.models import ARCHS, BACKBONES
+from fcn_jax.training.config import add_config_arguments
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -32,6 +33,21 @@ def _cmd_convert(args) -> int:
     if not result.verified_ok:
         print(f"fcn-jax: error: verification failed: relative difference above {TOLERANCE:g}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from fcn_jax.training.config import explicit_overrides, resolve_config, resume_config
+    from fcn_jax.training.run import initialize_distributed, train
+
+    if args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    overrides = explicit_overrides(args)
+    if args.resume:
+        config = resume_config(overrides.get("run_dir", "runs/fcn"), overrides)
+    else:
+        config = resolve_config(args.preset, **overrides)
+    train(config, resume=args.resume, progress=not args.no_progress)
     return 0
 
 
@@ -76,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "the max difference (exit 1 above 1e-5 relative)")
     p.add_argument("--verify-size", type=_size, default=(224, 224), metavar="HxW")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("train", help="train an FCN (default: the built-in synthetic dataset, a few minutes on CPU)",
+                       description="Train an FCN. With no arguments: FCNs-VGG11-BN on the built-in synthetic "
+                                   "dataset. Every setting below overrides the --preset.")
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() (auto-detected on Cloud TPU, SLURM, "
+                        "Kubernetes; elsewhere give --coordinator, --num-processes and --process-id)")
+    p.add_argument("--coordinator", help="host:port of process 0, with --distributed")
+    p.add_argument("--num-processes", type=int, help="with --distributed")
+    p.add_argument("--process-id", type=int, help="with --distributed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

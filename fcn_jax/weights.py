@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -37,15 +38,23 @@ def flat_variables(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
+def host_array(x) -> np.ndarray:
+    """A replicated (or single-device) array as numpy; on multi-host runs a replicated array is not
+    fully addressable, but each process holds a complete copy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+
 def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> Path:
     """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file."""
-    from safetensors.flax import save_file
+    from safetensors.numpy import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"weights are saved as .safetensors, got {path.name!r}")
     meta = {"format": FORMAT, **{k: str(v) for k, v in model_config(model).items()}}
-    tensors = {k: jnp.asarray(v[...]) for k, v in flat_variables(model).items()}
+    tensors = {k: host_array(v[...]) for k, v in flat_variables(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -64,7 +73,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.is_file():
         raise WeightsError(f"no such weights file: {path}")
     try:
-        with safe_open(str(path), "flax") as f:
+        with safe_open(str(path), "numpy") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:

@@ -73,7 +73,7 @@ def test_mismatched_model_lists_keys_with_hints(tmp_path):
 
 
 def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
-    import safetensors.flax
+    import safetensors.numpy
 
     path = tmp_path / "m.safetensors"
     model = _trained_model()
@@ -84,7 +84,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
         open(filename, "wb").write(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.flax, "save_file", broken)
+    monkeypatch.setattr(safetensors.numpy, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         fcn_jax.save_weights(model, path)
     assert path.read_bytes() == before

@@ -1,0 +1,190 @@
+"""The training program behind ``fcn-jax train``: data, model, compiled step, evaluation,
+checkpoints and reports, resumable to the bit.
+
+Only process 0 logs and writes files (orbax coordinates the checkpoint writes of all processes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from fcn_jax.data import Augment, Loader, get_dataset
+from fcn_jax.errors import FcnJaxError
+from fcn_jax.metrics import segmentation_metrics
+from fcn_jax.models import create_model
+from fcn_jax.training.checkpoint import RunCheckpoints
+from fcn_jax.training.config import TrainConfig
+from fcn_jax.training.losses import get_loss
+from fcn_jax.training.optim import make_optimizer, make_schedule
+from fcn_jax.training.reporting import MetricsLog, metrics_table, overlay_panel, plot_learning_curve
+from fcn_jax.training.step import evaluate, make_mesh, replicate_state, shard_batch, train_step, trainable
+from fcn_jax.weights import host_array, load_weights, save_weights
+
+log = logging.getLogger("fcn_jax")
+
+
+class TrainingDiverged(FcnJaxError):
+    """The loss became NaN or infinite."""
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """``jax.distributed.initialize``: with no arguments on Cloud TPU, SLURM and Kubernetes (detected
+    from the environment), explicit coordinator/process numbers elsewhere."""
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _load_init_weights(model, config: TrainConfig) -> None:
+    for target, path, what in ((model, config.init_weights, "--init-weights"),
+                               (model.backbone, config.backbone_weights, "--backbone-weights")):
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise FcnJaxError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
+                              f"`fcn-jax convert --torchvision {config.backbone}{'_bn' if config.batch_norm else ''} "
+                              f"--output {path}` (needs internet once), or train without it")
+        load_weights(target, path)
+
+
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train as ``config`` says; returns the last validation metrics. With ``resume``, continue the
+    run in ``config.run_dir`` from its latest checkpoint (the config must be the run's own)."""
+    run_dir = Path(config.run_dir).absolute()
+    is_main = jax.process_index() == 0
+    checkpoints = RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if resume and latest is None:
+        raise FcnJaxError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+    if not resume and latest is not None:
+        raise FcnJaxError(f"{run_dir} already holds a run (checkpoint at step {latest}): continue it with --resume "
+                          f"or choose another --run-dir")
+    if config.batch_size % jax.device_count():
+        raise FcnJaxError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
+
+    datasets = {split: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
+                                   synthetic_size=config.synthetic_size,
+                                   synthetic_samples=config.synthetic_train if split == "train" else config.synthetic_val)
+                for split in ("train", "val")}
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count(), workers=config.workers,
+                 normalization=config.normalization)
+    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed,
+                          augment=Augment(config.crop, tuple(config.scale), config.hflip), **shard)
+    val_loader = Loader(datasets["val"], config.batch_size, shuffle=False, drop_last=False, **shard)
+    num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
+    if config.class_weights is not None and len(config.class_weights) != num_classes:
+        raise FcnJaxError(f"--class-weights has {len(config.class_weights)} values; the dataset has {num_classes} classes")
+
+    model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
+                         seed=config.seed, dtype=jnp.dtype(config.dtype))
+    _load_init_weights(model, config)
+    total_steps = config.epochs * len(train_loader)
+    schedule = make_schedule(config.schedule, config.lr, total_steps=total_steps, steps_per_epoch=len(train_loader),
+                             warmup_steps=config.warmup_steps, step_epochs=config.step_epochs, gamma=config.gamma,
+                             power=config.power)
+    tx = make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
+                        weight_decay=config.weight_decay)
+    optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone))
+    mesh = make_mesh()
+    replicate_state((model, optimizer), mesh)
+    loss_fn = functools.partial(get_loss(config.loss), ignore_index=config.ignore_index,
+                                class_weights=config.class_weights)
+
+    step, best, metrics = 0, {"mean_iou": -1.0, "step": None}, None
+    if resume:
+        data_state, info = checkpoints.restore(latest, model, optimizer)
+        train_loader.restore(data_state)
+        step, best, metrics = info["step"], info["best"], info.get("metrics")
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json())
+    reports = MetricsLog(run_dir) if is_main else None
+    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
+               desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
+    last_time, last_step = time.perf_counter(), step
+
+    def save(metrics_for_best=None):
+        checkpoints.save(step, model, optimizer, train_loader.state(),
+                         {"step": step, "best": best, "metrics": metrics}, metrics=metrics_for_best)
+
+    while train_loader.epoch < config.epochs:
+        for batch in train_loader:
+            batch = shard_batch(batch, mesh)
+            loss = float(host_array(train_step(model, optimizer, batch["image"], batch["label"], loss_fn)))
+            step += 1
+            if not math.isfinite(loss):
+                bar.close()
+                kept = checkpoints.latest_step()
+                where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
+                    else "no checkpoint had been written yet"
+                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch {train_loader.epoch + 1}); "
+                                       f"stopped without saving, {where}. Lower --lr or check the data, then run again "
+                                       f"(with --resume to continue from that checkpoint)")
+            bar.update(1)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                rate = (step - last_step) * config.batch_size / (now - last_time)
+                last_time, last_step = now, step
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                if reports:
+                    reports.write("train", step, {"loss": loss, "lr": float(schedule(step)), "images_per_s": rate,
+                                                  "epoch": train_loader.epoch + train_loader.batch / len(train_loader)})
+            end_of_epoch = train_loader.batch == len(train_loader)
+            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not end_of_epoch:
+                save()
+        epoch = train_loader.epoch
+        if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+            conf = evaluate(model, val_loader, mesh, num_classes, config.ignore_index)
+            metrics = segmentation_metrics(conf, class_names)
+            if metrics["mean_iou"] > best["mean_iou"]:
+                best = {"mean_iou": metrics["mean_iou"], "step": step}
+                if is_main:
+                    save_weights(model, run_dir / "best.safetensors")
+            bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU {metrics['mean_iou']:.4f}  "
+                      f"pixel accuracy {metrics['pixel_acc']:.4f}")
+            if reports:
+                reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
+                                            **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
+            save({"mean_iou": metrics["mean_iou"]})
+        else:
+            save()
+    bar.close()
+    checkpoints.close()
+    if is_main:
+        save_weights(model, run_dir / "final.safetensors")
+        plot_learning_curve(reports.records(), run_dir / "learning_curve.png")
+        _write_overlays(model, datasets["val"], config, run_dir / "predictions")
+        reports.close()
+        print(f"\nvalidation after {step} steps (best mean IoU {best['mean_iou']:.4f} at step {best['step']}):")
+        print(metrics_table(metrics))
+        print(f"\nrun directory: {run_dir}")
+    return metrics
+
+
+def _write_overlays(model, dataset, config: TrainConfig, folder: Path) -> None:
+    """The first ``config.overlays`` validation images with ground truth and prediction (process 0,
+    single-process runs; multi-host runs skip the pictures)."""
+    if config.overlays <= 0 or jax.process_count() > 1:
+        return
+    from fcn_jax.data import normalize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    for i in range(min(config.overlays, len(dataset))):
+        image, label = dataset[i]
+        logits = model(jnp.asarray(normalize(image[None], config.normalization)))
+        pred = np.asarray(jnp.argmax(logits[0], -1))
+        overlay_panel(image, label, pred, dataset.palette, dataset.class_names, config.ignore_index).save(
+            folder / f"val_{i:03d}.png")
+    model.train()
