@@ -16,11 +16,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q
 
-# The main job: train on the built-in synthetic dataset (about 3.5 minutes on 2 CPU cores) into runs/fcn.
-# A finished run is kept: `make train` again starts over in a fresh runs/fcn.
+# The main job: train on the built-in synthetic dataset (about 3.5 minutes on 2 CPU cores); each run gets
+# its own runs/fcn-DATE-TIME folder, so earlier runs are never overwritten.
 train: setup
-	rm -rf runs/fcn
-	$(VENV)/bin/fcn-jax train --run-dir runs/fcn
+	$(VENV)/bin/fcn-jax train --run-dir runs/fcn-$$(date +%Y%m%d-%H%M%S)
 
 # Convert a random PyTorch FCN8s-VGG16 and verify that JAX and PyTorch give the same logits.
 demo: setup

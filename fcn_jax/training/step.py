@@ -21,10 +21,12 @@ from fcn_jax.metrics import confusion_matrix
 DATA_AXIS = "data"
 
 
-def make_mesh() -> jax.sharding.Mesh:
-    """All devices of all processes on the ``data`` axis. ``Auto`` axis types let XLA propagate the
-    shardings (jax.make_mesh defaults to Explicit, under which e.g. scatters need annotations)."""
-    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
+    """The first ``num_devices`` (default: all devices of all processes) on the ``data`` axis.
+    ``Auto`` axis types let XLA propagate the shardings (jax.make_mesh defaults to Explicit, under
+    which e.g. the confusion matrix's scatter would need annotations)."""
+    devices = jax.devices()[:num_devices] if num_devices else jax.devices()
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicate(tree, mesh):

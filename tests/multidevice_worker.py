@@ -1,0 +1,51 @@
+"""Runs a few training steps on a mesh of CPU devices and saves losses, parameters and BatchNorm
+statistics to an .npz; started in subprocesses by test_multidevice.py with JAX_ENABLE_X64=1 (device
+counts are fixed when JAX starts, so each configuration needs its own process).
+
+    python tests/multidevice_worker.py OUT.npz NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+
+def run(out: str, num_devices: int) -> None:
+    import fcn_jax
+    from fcn_jax.data import Loader, SyntheticShapes
+    from fcn_jax.training.losses import cross_entropy
+    from fcn_jax.training.optim import make_optimizer
+    from fcn_jax.training.step import make_mesh, replicate_state, shard_batch, train_step
+    from fcn_jax.weights import flat_variables, host_array
+
+    # float64 (JAX_ENABLE_X64=1): reduction order differs between device counts, and float32 rounding
+    # in VGG's backward would hide what the test is after, a different computation.
+    model = fcn_jax.create_model("fcn8s", num_classes=5, backbone="vgg11", batch_norm=True, seed=0,
+                                 dtype=jax.numpy.float64, param_dtype=jax.numpy.float64)
+    tx = make_optimizer("sgd", optax.constant_schedule(0.01), momentum=0.9, weight_decay=1e-4)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    mesh = make_mesh(num_devices)
+    replicate_state((model, optimizer), mesh)
+    loader = Loader(SyntheticShapes("train", num_samples=64, size=(32, 32)), 8, seed=0,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    losses = []
+    for batch in itertools.islice(loader, 3):
+        batch = shard_batch(batch, mesh)
+        losses.append(float(host_array(train_step(model, optimizer, batch["image"], batch["label"], cross_entropy))))
+    if jax.process_index() == 0:
+        np.savez(out, losses=np.array(losses), devices=mesh.size,
+                 **{k: host_array(v[...]) for k, v in flat_variables(model).items()})
+
+
+if __name__ == "__main__":
+    out, devices = sys.argv[1], int(sys.argv[2])
+    if len(sys.argv) > 3:
+        jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]),
+                                   process_id=int(sys.argv[5]))
+    run(out, devices)

@@ -1,0 +1,78 @@
+"""One step function, several device layouts: 1 vs 8 CPU devices, and 2 processes x 2 devices vs
+1 process x 4 devices (jax.distributed on localhost). Each layout runs tests/multidevice_worker.py
+in its own process (CPU device counts are fixed at start-up)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fcn_jax.models import torch_feature_indices
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "multidevice_worker.py"
+RTOL = 1e-5
+
+
+def _env(devices_per_process: int) -> dict:
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    return env
+
+
+def _run(out: Path, devices: int, devices_per_process: int) -> dict:
+    result = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], env=_env(devices_per_process),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(np.load(out))
+
+
+def _assert_same_training(a: dict, b: dict) -> None:
+    np.testing.assert_allclose(a["losses"], b["losses"], rtol=RTOL)
+    # Conv biases right before a train-mode BatchNorm have a true gradient of zero: they hold only
+    # rounding noise, compared against the model's scale instead of their own.
+    zero_grad = {f"backbone.convs.{j}.bias" for j, (_, bn) in enumerate(torch_feature_indices("vgg11", True))
+                 if bn is not None}
+    for key in a:
+        if key in ("losses", "devices"):
+            continue
+        scale = 1.0 if key in zero_grad else np.abs(a[key]).max()
+        err = np.abs(a[key] - b[key]).max()
+        assert err <= RTOL * scale, f"{key}: {err:.3e} > {RTOL} x {scale:.3e}"
+
+
+def test_eight_devices_train_like_one(tmp_path):
+    one = _run(tmp_path / "one.npz", 1, 8)
+    eight = _run(tmp_path / "eight.npz", 8, 8)
+    assert (int(one["devices"]), int(eight["devices"])) == (1, 8)
+    _assert_same_training(one, eight)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+    coordinator = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "two.npz"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), "4", coordinator, "2", str(pid)],
+                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(2)]
+    try:
+        logs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, logs):
+        assert p.returncode == 0, err[-3000:]
+    two = dict(np.load(out))
+    four = _run(tmp_path / "four.npz", 4, 4)
+    assert int(two["devices"]) == int(four["devices"]) == 4  # 2 processes x 2 devices vs 1 x 4
+    _assert_same_training(four, two)
