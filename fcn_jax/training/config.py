@@ -11,6 +11,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from fcn_jax.models import ARCHS, BACKBONES
+from fcn_jax.training.losses import LOSSES
+from fcn_jax.training.optim import OPTIMIZERS, SCHEDULES
+
 
 def _field(default, help: str, **kw):
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -27,27 +31,30 @@ class TrainConfig:
     crop: tuple | None = _field(None, "random crop HxW for training (None: whole images)", kind="size")
     scale: tuple = _field((1.0, 1.0), "random scale range MIN,MAX for training", kind="floats")
     hflip: bool = _field(True, "random horizontal flips for training")
-    normalization: str = _field("imagenet", "imagenet (RGB mean/std) or reference (BGR mean subtraction)")
+    normalization: str = _field("imagenet", "imagenet (RGB mean/std) or reference (BGR mean subtraction)",
+                                choices=("imagenet", "reference"))
     workers: int = _field(2, "data loading threads")
     # model
-    arch: str = _field("fcns", "fcn32s, fcn16s, fcn8s or fcns")
-    backbone: str = _field("vgg11", "vgg11, vgg13, vgg16 or vgg19")
+    arch: str = _field("fcns", "FCN variant", choices=ARCHS)
+    backbone: str = _field("vgg11", "VGG depth", choices=BACKBONES)
     batch_norm: bool = _field(True, "use the vgg*_bn backbone")
     backbone_weights: str | None = _field(None, "fcn-jax .safetensors with a VGG backbone (from `fcn-jax convert`)"
                                                 " or a whole FCN, to initialise the backbone")
     init_weights: str | None = _field(None, "fcn-jax .safetensors of a whole FCN to start from")
     freeze_backbone: bool = _field(False, "train the decoder only (BatchNorm statistics still update)")
-    dtype: str = _field("float32", "compute dtype: float32 or bfloat16 (float32 params and BN statistics)")
+    dtype: str = _field("float32", "compute dtype (bfloat16 keeps float32 params and BN statistics)",
+                        choices=("float32", "bfloat16"))
     # objective and optimisation
-    loss: str = _field("cross_entropy", "cross_entropy (softmax, paper) or bce (one-hot BCE, reference)")
+    loss: str = _field("cross_entropy", "cross_entropy (softmax, paper) or bce (one-hot BCE, reference)",
+                       choices=LOSSES)
     ignore_index: int = _field(255, "label value excluded from loss and metrics")
     class_weights: tuple | None = _field(None, "per-class loss weights W0,W1,...", kind="floats")
-    optimizer: str = _field("adamw", "sgd, rmsprop or adamw")
+    optimizer: str = _field("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float = _field(1e-3, "peak learning rate")
     momentum: float = _field(0.9, "SGD/RMSprop momentum")
     nesterov: bool = _field(False, "Nesterov momentum (SGD)")
     weight_decay: float = _field(1e-4, "L2 (SGD, RMSprop) or decoupled (AdamW) weight decay")
-    schedule: str = _field("cosine", "constant, step, poly or cosine")
+    schedule: str = _field("cosine", "learning-rate schedule", choices=SCHEDULES)
     warmup_steps: int = _field(30, "linear warm-up steps")
     step_epochs: int = _field(50, "step schedule: decay every this many epochs")
     gamma: float = _field(0.5, "step schedule: decay factor")
@@ -122,7 +129,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_parse_floats, default=None, metavar="A,B,...", help=help_text)
         else:
             convert = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=convert, default=None, help=help_text)
+            parser.add_argument(flag, type=convert, default=None, choices=f.metadata.get("choices"), help=help_text)
 
 
 def explicit_overrides(args: argparse.Namespace) -> dict:
