@@ -6,17 +6,10 @@ import argparse
 import logging
 import sys
 
+from fcn_jax.data import DATASETS
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.models import ARCHS, BACKBONES
-from fcn_jax.training.config import add_config_arguments
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 224x224, got {text!r}") from None
-    return h, w
+from fcn_jax.training.config import add_config_arguments, parse_size
 
 
 def _cmd_convert(args) -> int:
@@ -48,6 +41,15 @@ def _cmd_train(args) -> int:
     else:
         config = resolve_config(args.preset, **overrides)
     train(config, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from fcn_jax.evaluate import run_evaluate
+
+    run_evaluate(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
+                 batch_size=args.batch_size, normalization=args.normalization, output=args.output,
+                 skip_bad=args.skip_bad_samples, progress=not args.no_progress)
     return 0
 
 
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="init seed of a new decoder and the verify batch")
     p.add_argument("--verify", action="store_true", help="run PyTorch and JAX on one random batch and print "
                                                          "the max difference (exit 1 above 1e-5 relative)")
-    p.add_argument("--verify-size", type=_size, default=(224, 224), metavar="HxW")
+    p.add_argument("--verify-size", type=parse_size, default=(224, 224), metavar="HxW")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("train", help="train an FCN (default: the built-in synthetic dataset, a few minutes on CPU)",
@@ -106,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--process-id", type=int, help="with --distributed")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="the FCN metrics of weights on a dataset split",
+                       description="Pixel accuracy, mean accuracy, mean IoU, frequency-weighted IoU and per-class "
+                                   "IoU over a whole split, whole images at their own sizes.")
+    p.add_argument("weights", help="an fcn-jax .safetensors, or a training run directory (its best weights; "
+                                   "dataset settings default to the run's)")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-dir")
+    p.add_argument("--split", help="default: the run's validation split, else val")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
+    p.add_argument("--normalization", choices=("imagenet", "reference"), help="default: the run's, else imagenet")
+    p.add_argument("--output", help="write OUTPUT.json (metrics, per-class IoU, confusion matrix) and "
+                                    "OUTPUT_confusion.png")
+    p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable or invalid samples")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

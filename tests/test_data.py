@@ -97,5 +97,6 @@ def test_label_out_of_range_is_a_clear_error():
 
 
 def test_unknown_dataset_says_what_is_available():
-    with pytest.raises(ValueError, match="available: synthetic"):
-        get_dataset("camvid", "train")
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose one of synthetic, voc, camvid, camvid11, "
+                                         "cityscapes, folder"):
+        get_dataset("imagenet", "train")

@@ -130,6 +130,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert RunCheckpoints(tmp_path / "nan" / "checkpoints", 2).latest_step() == 1
 
 
+def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
+    """An update can turn the parameters to NaN while the loss (computed before it) is still finite."""
+    import fcn_jax.training.run as run
+
+    calls = []
+    real = run.all_finite
+    monkeypatch.setattr(run, "all_finite", lambda tree: calls.append(1) or (real(tree) & (len(calls) < 3)))
+    config = resolve_config(**{**SMALL, "synthetic_train": 64}, checkpoint_every_steps=1, run_dir=str(tmp_path / "p"))
+    with pytest.raises(TrainingDiverged, match=r"the parameters became NaN or infinite at step 3 .*last good "
+                                               r"checkpoint is step 2"):
+        train(config, progress=False)
+
+
 def test_bfloat16_training_runs(tmp_path):
     config = resolve_config(**{**SMALL, "synthetic_train": 32, "synthetic_val": 16, "overlays": 0}, epochs=1,
                             dtype="bfloat16", run_dir=str(tmp_path / "bf16"))
@@ -141,7 +154,7 @@ def test_bfloat16_training_runs(tmp_path):
 
 def test_presets_and_bad_settings_give_clear_errors(tmp_path, capsys):
     assert main(["train", "--preset", "camvid-fcns-reference", "--run-dir", str(tmp_path / "c")]) == 2
-    assert "dataset 'camvid' is not available" in capsys.readouterr().err
+    assert "--dataset camvid needs --data-dir" in capsys.readouterr().err
     config = resolve_config("camvid-fcns-reference")
     assert (config.optimizer, config.lr, config.weight_decay, config.loss, config.batch_size) == (
         "rmsprop", 1e-4, 1e-5, "bce", 6)

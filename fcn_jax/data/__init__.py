@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from fcn_jax.data.camvid import camvid11_dataset, camvid_dataset
+from fcn_jax.data.cityscapes import cityscapes_dataset
+from fcn_jax.data.files import DatasetError, SegmentationFiles
+from fcn_jax.data.folder import folder_dataset
 from fcn_jax.data.pipeline import Augment, Loader, normalize
 from fcn_jax.data.synthetic import SyntheticShapes
+from fcn_jax.data.voc import voc_dataset
 
-DATASETS = ("synthetic",)
+READERS = {"voc": voc_dataset, "camvid": camvid_dataset, "camvid11": camvid11_dataset,
+           "cityscapes": cityscapes_dataset, "folder": folder_dataset}
+DATASETS = ("synthetic", *READERS)
 
 
 def get_dataset(name: str, split: str, *, data_dir: str | None = None, synthetic_size: int = 64,
-                synthetic_samples: int | None = None, seed: int = 0):
-    """The ``split`` of dataset ``name``; see :mod:`fcn_jax.data.pipeline` for the interface."""
+                synthetic_samples: int | None = None, seed: int = 0, skip_bad: bool = False):
+    """The ``split`` of dataset ``name``; see :mod:`fcn_jax.data.pipeline` for the interface.
+    Nothing is downloaded: real datasets are read from ``data_dir`` in their published layouts."""
     if name == "synthetic":
         return SyntheticShapes(split, num_samples=synthetic_samples, size=(synthetic_size, synthetic_size),
                                seed=seed)
-    raise ValueError(f"dataset {name!r} is not available in this version of fcn-jax (available: "
-                     f"{', '.join(DATASETS)}); readers for VOC, CamVid and Cityscapes are planned")
+    if name not in READERS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_dir is None:
+        raise DatasetError(f"--dataset {name} needs --data-dir (the folder the dataset was unpacked into)")
+    if not Path(data_dir).is_dir():
+        raise DatasetError(f"--data-dir {data_dir}: no such folder")
+    return READERS[name](data_dir, split, skip_bad=skip_bad)
 
 
-__all__ = ["Augment", "DATASETS", "Loader", "SyntheticShapes", "get_dataset", "normalize"]
+__all__ = ["Augment", "DATASETS", "DatasetError", "Loader", "SegmentationFiles", "SyntheticShapes", "get_dataset",
+           "normalize"]

@@ -153,3 +153,43 @@ class Loader:
                              f"use a crop size or batch size 1") from e
         check_label(label_batch, self.dataset.num_classes, ignore, f"batch of samples {indices}")
         return {"image": normalize(image_batch, self.normalization), "label": label_batch}
+
+
+class EvalBatches:
+    """Whole images for evaluation, batched by size bucket: each image is padded at the bottom/right
+    to the next multiple of ``multiple`` (zeros; the ignore label in the mask), which is exactly the
+    padding the FCN applies itself, so the logits of the real pixels are those of the whole image
+    while XLA compiles one program per bucket. Batches hold ``global_batch_size`` images of one
+    bucket (the last of a bucket padded with fully ignored copies); this process gets its share.
+    Iterating yields ``{"image", "label", "index"}`` (``index`` -1 for padding) in a fixed order."""
+
+    def __init__(self, dataset, global_batch_size: int, *, normalization: str = "imagenet", multiple: int = 32,
+                 process_index: int = 0, process_count: int = 1, sizes: list[tuple[int, int]] | None = None):
+        """``sizes``: the (H, W) of every sample, by default ``dataset.image_sizes()``."""
+        if global_batch_size % process_count:
+            raise ValueError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
+        self.dataset, self.normalization, self.multiple = dataset, normalization, multiple
+        self.global_batch_size, self.local = global_batch_size, global_batch_size // process_count
+        self.process_index = process_index
+        sizes = sizes or dataset.image_sizes()
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for i, (h, w) in enumerate(sizes):
+            buckets.setdefault((-(-h // multiple) * multiple, -(-w // multiple) * multiple), []).append(i)
+        self.batches = [(size, idx[s:s + global_batch_size]) for size, idx in sorted(buckets.items())
+                        for s in range(0, len(idx), global_batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        for (bh, bw), indices in self.batches:
+            mine = indices[self.process_index * self.local:(self.process_index + 1) * self.local]
+            mine = mine + [-1] * (self.local - len(mine))
+            images = np.zeros((self.local, bh, bw, 3), np.float32)  # zeros *after* normalising, as the FCN pads
+            labels = np.full((self.local, bh, bw), self.dataset.ignore_index, np.int32)
+            for row, i in enumerate(mine):
+                if i >= 0:
+                    image, label = self.dataset[i]
+                    images[row, :image.shape[0], :image.shape[1]] = normalize(image, self.normalization)
+                    labels[row, :label.shape[0], :label.shape[1]] = label
+            yield {"image": images, "label": labels, "index": np.array(mine, np.int32)}

@@ -35,6 +35,9 @@ class SyntheticShapes:
     def __len__(self) -> int:
         return self.num_samples
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [self.size] * self.num_samples
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range for {self.num_samples} samples")

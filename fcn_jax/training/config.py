@@ -23,8 +23,13 @@ def _field(default, help: str, **kw):
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # data
-    dataset: str = _field("synthetic", "dataset name (synthetic is built in, no download)")
-    data_dir: str | None = _field(None, "dataset root folder (real datasets)")
+    dataset: str = _field("synthetic", "dataset (synthetic is built in, no download)",
+                          choices=("synthetic", "voc", "camvid", "camvid11", "cityscapes", "folder"))
+    data_dir: str | None = _field(None, "dataset root folder (real datasets, in their published layouts)")
+    train_split: str = _field("train", "split to train on (voc: train, trainval, train_aug)")
+    val_split: str = _field("val", "split to validate on (voc: val, seg11valid)")
+    skip_bad_samples: bool = _field(False, "check every sample first and leave out unreadable or invalid ones "
+                                           "(counted at the end) instead of stopping at the first")
     synthetic_size: int = _field(64, "synthetic images are SIZE x SIZE")
     synthetic_train: int = _field(2000, "number of synthetic training images")
     synthetic_val: int = _field(200, "number of synthetic validation images")
@@ -93,12 +98,12 @@ PRESETS: dict[str, dict] = {
     # The FCN paper's FCN-8s on PASCAL VOC: SGD, momentum 0.99, weight decay 5e-4, ImageNet VGG16, whole
     # images one at a time; lr 1e-10 per pixel of a summed loss ~ 1.75e-5 for our per-pixel mean.
     "voc-fcn8s": dict(
-        dataset="voc", arch="fcn8s", backbone="vgg16", batch_norm=False, loss="cross_entropy", optimizer="sgd",
+        dataset="voc", train_split="train_aug", val_split="seg11valid", arch="fcn8s", backbone="vgg16", batch_norm=False, loss="cross_entropy", optimizer="sgd",
         lr=1.75e-5, momentum=0.99, weight_decay=5e-4, schedule="constant", warmup_steps=0, epochs=50,
         batch_size=1, hflip=True, normalization="imagenet", backbone_weights="vgg16.safetensors"),
 }
 
-def _parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -124,7 +129,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind == "size":
-            parser.add_argument(flag, type=_parse_size, default=None, metavar="HxW", help=help_text)
+            parser.add_argument(flag, type=parse_size, default=None, metavar="HxW", help=help_text)
         elif kind == "floats":
             parser.add_argument(flag, type=_parse_floats, default=None, metavar="A,B,...", help=help_text)
         else:

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from fcn_jax.data import Augment, Loader, get_dataset
+from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.metrics import segmentation_metrics
 from fcn_jax.models import create_model
@@ -43,6 +44,11 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     """``jax.distributed.initialize``: with no arguments on Cloud TPU, SLURM and Kubernetes (detected
     from the environment), explicit coordinator/process numbers elsewhere."""
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _load_init_weights(model, config: TrainConfig) -> None:
@@ -72,15 +78,15 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if config.batch_size % jax.device_count():
         raise FcnJaxError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
 
-    datasets = {split: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
-                                   synthetic_size=config.synthetic_size,
-                                   synthetic_samples=config.synthetic_train if split == "train" else config.synthetic_val)
-                for split in ("train", "val")}
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count(), workers=config.workers,
-                 normalization=config.normalization)
-    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed,
+    datasets = {role: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
+                                  synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
+                                  synthetic_samples=config.synthetic_train if role == "train" else config.synthetic_val)
+                for role, split in (("train", config.train_split), ("val", config.val_split))}
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, workers=config.workers,
+                          normalization=config.normalization,
                           augment=Augment(config.crop, tuple(config.scale), config.hflip), **shard)
-    val_loader = Loader(datasets["val"], config.batch_size, shuffle=False, drop_last=False, **shard)
+    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization, **shard)
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
     if config.class_weights is not None and len(config.class_weights) != num_classes:
         raise FcnJaxError(f"--class-weights has {len(config.class_weights)} values; the dataset has {num_classes} classes")
@@ -114,7 +120,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
     last_time, last_step = time.perf_counter(), step
 
+    def diverged(what: str) -> TrainingDiverged:
+        bar.close()
+        kept = checkpoints.latest_step()
+        where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
+            else "no checkpoint had been written yet"
+        return TrainingDiverged(f"{what} at step {step} (epoch {train_loader.epoch + 1}); stopped without saving, "
+                                f"{where}. Lower --lr or check the data, then run again (with --resume to continue "
+                                f"from that checkpoint)")
+
     def save(metrics_for_best=None):
+        # The loss is computed before each update, so check the updated parameters before keeping them.
+        if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
+            raise diverged("the parameters became NaN or infinite")
         checkpoints.save(step, model, optimizer, train_loader.state(),
                          {"step": step, "best": best, "metrics": metrics}, metrics=metrics_for_best)
 
@@ -124,13 +142,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             loss = float(host_array(train_step(model, optimizer, batch["image"], batch["label"], loss_fn)))
             step += 1
             if not math.isfinite(loss):
-                bar.close()
-                kept = checkpoints.latest_step()
-                where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
-                    else "no checkpoint had been written yet"
-                raise TrainingDiverged(f"the loss became {loss} at step {step} (epoch {train_loader.epoch + 1}); "
-                                       f"stopped without saving, {where}. Lower --lr or check the data, then run again "
-                                       f"(with --resume to continue from that checkpoint)")
+                raise diverged(f"the loss became {loss}")
             bar.update(1)
             if step % config.log_every_steps == 0 or step == total_steps:
                 now = time.perf_counter()
@@ -168,6 +180,9 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         reports.close()
         print(f"\nvalidation after {step} steps (best mean IoU {best['mean_iou']:.4f} at step {best['step']}):")
         print(metrics_table(metrics))
+        skipped = [s for d in datasets.values() for s in getattr(d, "skipped", [])]
+        if skipped:
+            print(f"\nskipped {len(skipped)} bad sample(s) (--skip-bad-samples), e.g. {skipped[0][0]}: {skipped[0][1]}")
         print(f"\nrun directory: {run_dir}")
     return metrics
 

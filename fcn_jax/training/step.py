@@ -71,13 +71,13 @@ def trainable(freeze_backbone: bool):
 
 
 def evaluate(model, loader, mesh, num_classes: int, ignore_index: int, progress=None) -> np.ndarray:
-    """The confusion matrix over a whole loader (one pass), accumulated on device."""
+    """The confusion matrix over one pass of ``loader`` (e.g. ``EvalBatches``), accumulated on device."""
     model.eval()
     conf = jnp.zeros((num_classes, num_classes), jnp.int32)
     for batch in loader:
-        batch = shard_batch(batch, mesh)
+        batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
         conf = conf + eval_step(model, batch["image"], batch["label"], num_classes, ignore_index)
         if progress is not None:
             progress.update(1)
     model.train()
-    return np.asarray(jax.device_get(conf))
+    return np.asarray(conf.addressable_data(0))  # replicated: every process holds the whole matrix

@@ -1,0 +1,105 @@
+"""Image / mask file pairs as a segmentation dataset, with errors that name the file and the fix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fcn_jax.data.pipeline import check_label
+from fcn_jax.errors import FcnJaxError
+
+log = logging.getLogger("fcn_jax")
+
+
+class DatasetError(FcnJaxError):
+    """A dataset file or folder that cannot be used as it is."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``; grey and palette images are converted, alpha is dropped."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: not a readable image ({e}); replace the file, remove it from the split, or "
+                           f"pass --skip-bad-samples") from None
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """A mask PNG of class indices (palette or greyscale), as uint8 ``(H, W)``."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I;16", "I"):
+                raise DatasetError(f"{path}: expected a mask of class indices (palette or greyscale PNG), got an "
+                                   f"{im.mode} image; colour-coded masks need their colour table")
+            return np.asarray(im).astype(np.int64)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: mask file not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"{path}: not a readable mask ({e}); replace the file or pass --skip-bad-samples") from None
+
+
+class SegmentationFiles:
+    """``dataset[i] -> (image uint8 (H, W, 3), label uint8 (H, W))`` read from ``pairs`` of
+    (image path, mask path); ``decode`` turns a mask file into class indices (default: an index PNG).
+
+    Every sample is checked: readable files, mask size equal to the image's, labels in
+    ``[0, num_classes)`` or ``ignore_index``. With ``skip_bad`` all samples are checked up front and
+    the bad ones left out (``skipped`` lists them); otherwise the first bad one stops with its name.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], *, class_names: Sequence[str], palette: np.ndarray,
+                 ignore_index: int = 255, decode: Callable[[Path], np.ndarray] = read_index_png,
+                 skip_bad: bool = False, name: str = "dataset"):
+        if not pairs:
+            raise DatasetError(f"{name}: the split has no samples")
+        self.pairs, self.class_names, self.palette = list(pairs), tuple(class_names), np.asarray(palette, np.uint8)
+        self.num_classes, self.ignore_index, self.decode, self.name = len(class_names), ignore_index, decode, name
+        self.skipped: list[tuple[str, str]] = []
+        if skip_bad:
+            good = []
+            for i, pair in enumerate(self.pairs):
+                try:
+                    self._load(pair)
+                    good.append(pair)
+                except DatasetError as e:
+                    self.skipped.append((str(pair[0]), str(e)))
+            self.pairs = good
+            if self.skipped:
+                log.info("%s: skipped %d bad sample(s) of %d", name, len(self.skipped), len(good) + len(self.skipped))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._load(self.pairs[index])
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(H, W) of every image, read from the file headers only."""
+        sizes = []
+        for image_path, _ in self.pairs:
+            try:
+                with Image.open(image_path) as im:
+                    sizes.append((im.height, im.width))
+            except (UnidentifiedImageError, OSError) as e:
+                raise DatasetError(f"{image_path}: not a readable image ({e}); replace the file, remove it from the "
+                                   f"split, or pass --skip-bad-samples") from None
+        return sizes
+
+    def _load(self, pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
+        image_path, mask_path = pair
+        image, label = read_image(image_path), self.decode(mask_path)
+        if label.shape != image.shape[:2]:
+            raise DatasetError(f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} "
+                               f"is {image.shape[1]}x{image.shape[0]} (width x height); they must match")
+        try:
+            check_label(label, self.num_classes, self.ignore_index, str(mask_path))
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+        return image, label.astype(np.uint8)
