@@ -53,6 +53,15 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_predict(args) -> int:
+    from fcn_jax.prediction import run_predict
+
+    run_predict(args.weights, args.inputs, args.output, overlay=args.overlay, index_png=args.index_png,
+                save_logits=args.logits, normalization=args.normalization, batch_size=args.batch_size,
+                skip_bad=args.skip_bad_samples, progress=not args.no_progress)
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from flax import nnx
 
@@ -124,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable or invalid samples")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment images: colour masks, overlays, index PNGs, logits",
+                       description="Segment images of any size with fcn-jax weights.")
+    p.add_argument("weights", help="an fcn-jax .safetensors, or a training run directory (its best weights)")
+    p.add_argument("inputs", nargs="+", help="image files, folders of images, or glob patterns (quoted)")
+    p.add_argument("--output", required=True, help="folder for NAME_mask.png (colour-coded) and the options below")
+    p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png: image | prediction, with a legend")
+    p.add_argument("--index-png", action="store_true", help="also NAME_index.png: raw class indices")
+    p.add_argument("--logits", action="store_true", help="also NAME_logits.npy: float32 (H, W, C)")
+    p.add_argument("--normalization", choices=("imagenet", "reference"), default="imagenet",
+                   help="as in training (a run directory's own setting wins)")
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
+    p.add_argument("--skip-bad-samples", action="store_true", help="skip unreadable files and count them")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

@@ -8,6 +8,7 @@ Reading needs neither PyTorch nor pickle. Files are written atomically (temporar
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,14 +47,19 @@ def host_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> Path:
-    """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file."""
+def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None) -> Path:
+    """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file; optionally
+    the dataset's class names and colours, which ``fcn-jax predict`` uses for its pictures."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"weights are saved as .safetensors, got {path.name!r}")
     meta = {"format": FORMAT, **{k: str(v) for k, v in model_config(model).items()}}
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
+    if palette is not None:
+        meta["palette"] = json.dumps(np.asarray(palette).astype(int).tolist())
     tensors = {k: host_array(v[...]) for k, v in flat_variables(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -87,6 +93,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
               "batch_norm": meta.get("batch_norm") == "True"}
     if config["model"] == "fcn":
         config.update(arch=meta.get("arch"), num_classes=int(meta.get("num_classes", 0)))
+    for key in ("class_names", "palette"):
+        if key in meta:
+            config[key] = json.loads(meta[key])
     return config, tensors
 
 

@@ -70,24 +70,36 @@ def colorize(label: np.ndarray, palette: np.ndarray, ignore_index: int = 255) ->
     return lut[label.astype(np.uint8)]
 
 
-def overlay_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, palette: np.ndarray,
-                  class_names, ignore_index: int = 255, scale: int = 4) -> Image.Image:
-    """image | ground truth | prediction over the image, with a legend of class names and colours."""
-    blend = (0.45 * image + 0.55 * colorize(pred, palette, ignore_index)).astype(np.uint8)
-    row = np.concatenate([image, colorize(label, palette, ignore_index), blend], axis=1)
-    h, w = image.shape[:2]  # one panel
-    picture = Image.fromarray(row).resize((3 * w * scale, h * scale), Image.NEAREST)
-    legend_h = 18 * len(class_names) + 24
-    canvas = Image.new("RGB", (picture.width, picture.height + legend_h), "white")
-    canvas.paste(picture, (0, 0))
+def blend(image: np.ndarray, pred: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """The prediction's colours over the image."""
+    return (0.45 * image + 0.55 * colorize(pred, palette, ignore_index)).astype(np.uint8)
+
+
+def picture(panels: list[tuple[str, np.ndarray]], palette: np.ndarray, class_names) -> Image.Image:
+    """Titled RGB panels side by side (small images enlarged), with a legend of class names and colours."""
+    h, w = panels[0][1].shape[:2]
+    scale = max(1, 256 // max(h, w))
+    row = np.concatenate([p for _, p in panels], axis=1)
+    strip = Image.fromarray(row).resize((row.shape[1] * scale, h * scale), Image.NEAREST)
+    columns = max(1, strip.width // 160)
+    legend_h = 18 * -(-len(class_names) // columns) + 24
+    canvas = Image.new("RGB", (strip.width, strip.height + legend_h), "white")
+    canvas.paste(strip, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for x, title in zip((0, w * scale, 2 * w * scale), ("image", "ground truth", "prediction")):
-        draw.text((x + 4, picture.height + 2), title, fill="black")
+    for k, (title, _) in enumerate(panels):
+        draw.text((k * w * scale + 4, strip.height + 2), title, fill="black")
     for i, name in enumerate(class_names):
-        y = picture.height + 20 + 18 * i
-        draw.rectangle((4, y, 18, y + 12), fill=tuple(int(c) for c in palette[i]), outline="black")
-        draw.text((24, y), name, fill="black")
+        x, y = 4 + 160 * (i % columns), strip.height + 20 + 18 * (i // columns)
+        draw.rectangle((x, y, x + 14, y + 12), fill=tuple(int(c) for c in palette[i]), outline="black")
+        draw.text((x + 20, y), str(name), fill="black")
     return canvas
+
+
+def overlay_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, palette: np.ndarray,
+                  class_names, ignore_index: int = 255) -> Image.Image:
+    """image | ground truth | prediction over the image, with a legend."""
+    return picture([("image", image), ("ground truth", colorize(label, palette, ignore_index)),
+                    ("prediction", blend(image, pred, palette, ignore_index))], palette, class_names)
 
 
 def metrics_table(metrics: dict) -> str:

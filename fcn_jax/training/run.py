@@ -88,6 +88,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                           augment=Augment(config.crop, tuple(config.scale), config.hflip), **shard)
     val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization, **shard)
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
+    labels = {"class_names": class_names, "palette": datasets["train"].palette}  # stored with the weights
     if config.class_weights is not None and len(config.class_weights) != num_classes:
         raise FcnJaxError(f"--class-weights has {len(config.class_weights)} values; the dataset has {num_classes} classes")
 
@@ -162,7 +163,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
             if metrics["mean_iou"] > best["mean_iou"]:
                 best = {"mean_iou": metrics["mean_iou"], "step": step}
                 if is_main:
-                    save_weights(model, run_dir / "best.safetensors")
+                    save_weights(model, run_dir / "best.safetensors", **labels)
             bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU {metrics['mean_iou']:.4f}  "
                       f"pixel accuracy {metrics['pixel_acc']:.4f}")
             if reports:
@@ -174,7 +175,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     bar.close()
     checkpoints.close()
     if is_main:
-        save_weights(model, run_dir / "final.safetensors")
+        save_weights(model, run_dir / "final.safetensors", **labels)
         plot_learning_curve(reports.records(), run_dir / "learning_curve.png")
         _write_overlays(model, datasets["val"], config, run_dir / "predictions")
         reports.close()

@@ -1,0 +1,65 @@
+"""fcn_jax.predict and `fcn-jax predict`: any size, batched, the same as one image at a time."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import fcn_jax
+from fcn_jax.cli import main
+from fcn_jax.data import normalize
+from fcn_jax.data.synthetic import SyntheticShapes
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    model = fcn_jax.create_model("fcns", num_classes=5, backbone="vgg11", batch_norm=True, seed=4)
+    model(jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32))
+    path = tmp_path_factory.mktemp("w") / "m.safetensors"
+    ds = SyntheticShapes("val")
+    fcn_jax.save_weights(model, path, class_names=ds.class_names, palette=ds.palette)
+    return path
+
+
+def _images():
+    rng = np.random.default_rng(1)
+    return [rng.integers(0, 255, shape, np.uint8) for shape in [(20, 30, 3), (45, 33, 3), (20, 30, 3), (7, 9, 3)]]
+
+
+def test_predict_api_equals_one_image_at_a_time(weights):
+    model = fcn_jax.load_model(weights)
+    images = _images()
+    masks = fcn_jax.predict(model, images, batch_size=2)
+    logits = fcn_jax.predict(model, images[1], logits=True)
+    for image, mask in zip(images, masks):
+        alone = np.asarray(jnp.argmax(model(jnp.asarray(normalize(image[None]))), -1))[0]
+        np.testing.assert_array_equal(mask, alone)
+        assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
+    assert logits.shape == (45, 33, 5)
+    np.testing.assert_array_equal(logits.argmax(-1), masks[1])
+    with pytest.raises(fcn_jax.FcnJaxError, match=r"image 0: expected uint8 RGB"):
+        fcn_jax.predict(model, [np.zeros((4, 4), np.uint8)])
+
+
+def test_predict_command_writes_masks_overlays_indices_logits(weights, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, image in enumerate(_images()):
+        Image.fromarray(image).save(folder / f"img{i}.png")
+    (folder / "broken.jpg").write_bytes(b"nope")
+    out = tmp_path / "out"
+    assert main(["predict", str(weights), str(folder), "--output", str(out), "--no-progress"]) == 2
+    assert "broken.jpg: not a readable image" in capsys.readouterr().err
+    assert main(["predict", str(weights), str(folder / "img*.png"), str(folder / "broken.jpg"), "--output", str(out),
+                 "--overlay", "--index-png", "--logits", "--skip-bad-samples", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote predictions of 4 image(s)" in text and "skipped 1 unreadable file(s)" in text
+    index = np.asarray(Image.open(out / "img1_index.png"))
+    colours = np.asarray(Image.open(out / "img1_mask.png"))
+    palette = SyntheticShapes("val").palette
+    np.testing.assert_array_equal(colours, palette[index])
+    np.testing.assert_array_equal(np.load(out / "img1_logits.npy").argmax(-1), index)
+    assert Image.open(out / "img1_overlay.png").width == 2 * 33 * (256 // 45)
+    assert main(["predict", str(weights), str(tmp_path / "none*.png"), "--output", str(out)]) == 2
