@@ -62,3 +62,21 @@ def test_evaluate_explains_mismatches(folder_with_sizes, tmp_path, capsys):
     assert "the model predicts 5 classes but the dataset has 3" in capsys.readouterr().err
     assert main(["evaluate", str(other), "--no-progress"]) == 2
     assert "pass --dataset" in capsys.readouterr().err
+
+
+def test_train_on_a_folder_dataset_then_evaluate_the_run(folder_with_sizes, tmp_path, capsys):
+    root, _ = folder_with_sizes
+    (root / "images" / "val").symlink_to(root / "images" / "train")
+    (root / "masks" / "val").symlink_to(root / "masks" / "train")
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-dir", str(root), "--crop", "32x32", "--batch-size", "2",
+                 "--epochs", "1", "--warmup-steps", "0", "--run-dir", str(run), "--no-progress"]) == 0
+    trained = json.loads([line for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1])
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--output", str(tmp_path / "e"), "--no-progress"]) == 0
+    assert "folder val: 6 images" in capsys.readouterr().out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["mean_iou"] == pytest.approx(trained["mean_iou"])  # best = the only validation
+    masks = fcn_jax.predict(fcn_jax.load_model(run / "best.safetensors"), [get_dataset(
+        "folder", "val", data_dir=str(root))[4][0]])
+    assert masks[0].shape == (20, 30)
