@@ -52,6 +52,8 @@ def test_run_directory_has_everything(short_run):
     assert steps == [40, 48]  # every 20 steps and every epoch end, the latest two kept (48 is also the best)
     saved = json.loads((run_dir / "config.json").read_text())
     assert saved["synthetic_size"] == 32 and saved["epochs"] == 3
+    info = json.loads((run_dir / "checkpoints" / "48" / "info" / "metadata").read_text())  # orbax JsonSave
+    assert info["config"] == saved and info["step"] == 48 and info["best"]["step"] == 48
     model = fcn_jax.load_model(run_dir / "final.safetensors")
     assert model.arch == "fcns" and model.num_classes == 5
 

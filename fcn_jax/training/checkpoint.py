@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a training run: model + optimizer state, step, data-iterator state, config.
+"""Orbax checkpoints of a training run: model + optimizer state, data-iterator state, and an info
+record (step, best mean IoU so far, last metrics, the resolved config).
 
 One ``CheckpointManager`` under ``RUN_DIR/checkpoints`` keeps the latest ``keep`` checkpoints plus
 the one with the best validation mean IoU. Orbax writes each checkpoint to a temporary directory and

@@ -6,6 +6,7 @@ Only process 0 logs and writes files (orbax coordinates the checkpoint writes of
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -135,7 +136,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
             raise diverged("the parameters became NaN or infinite")
         checkpoints.save(step, model, optimizer, train_loader.state(),
-                         {"step": step, "best": best, "metrics": metrics}, metrics=metrics_for_best)
+                         {"step": step, "best": best, "metrics": metrics, "config": dataclasses.asdict(config)},
+                         metrics=metrics_for_best)
 
     while train_loader.epoch < config.epochs:
         for batch in train_loader:
@@ -149,7 +151,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 now = time.perf_counter()
                 rate = (step - last_step) * config.batch_size / (now - last_time)
                 last_time, last_step = now, step
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                 if reports:
                     reports.write("train", step, {"loss": loss, "lr": float(schedule(step)), "images_per_s": rate,
                                                   "epoch": train_loader.epoch + train_loader.batch / len(train_loader)})
