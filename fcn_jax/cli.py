@@ -78,6 +78,14 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    """The options evaluate and predict share."""
+    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="leave out unreadable or invalid inputs and report how many")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fcn-jax", description="Fully Convolutional Networks in JAX/Flax NNX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,12 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir")
     p.add_argument("--split", help="default: the run's validation split, else val")
-    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
     p.add_argument("--normalization", choices=("imagenet", "reference"), help="default: the run's, else imagenet")
     p.add_argument("--output", help="write OUTPUT.json (metrics, per-class IoU, confusion matrix) and "
                                     "OUTPUT_confusion.png")
-    p.add_argument("--skip-bad-samples", action="store_true", help="leave out unreadable or invalid samples")
-    p.add_argument("--no-progress", action="store_true")
+    _add_batch_options(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment images: colour masks, overlays, index PNGs, logits",
@@ -144,9 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", action="store_true", help="also NAME_logits.npy: float32 (H, W, C)")
     p.add_argument("--normalization", choices=("imagenet", "reference"), default="imagenet",
                    help="as in training (a run directory's own setting wins)")
-    p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
-    p.add_argument("--skip-bad-samples", action="store_true", help="skip unreadable files and count them")
-    p.add_argument("--no-progress", action="store_true")
+    _add_batch_options(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
