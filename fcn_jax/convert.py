@@ -258,8 +258,8 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
             ignored += fully_connected
             sd = {k: v for k, v in sd.items() if k not in fully_connected}
     elif found["layout"] == "vgg" and any(k.startswith("features.") for k in sd):
-        raise WeightsError(f"this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
-                           f"into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")
+        raise WeightsError("this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
+                           "into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")
 
     entries = {key: (field, var) for key, field, var in torch_entries(model)}
     missing = [(k, field.torch_shape(var.shape)) for k, (field, var) in entries.items() if k not in sd]

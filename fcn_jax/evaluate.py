@@ -8,7 +8,6 @@ accumulated on device.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from fcn_jax.errors import FcnJaxError
 from fcn_jax.metrics import segmentation_metrics
 from fcn_jax.training.config import TrainConfig
 from fcn_jax.training.reporting import metrics_table
-from fcn_jax.training.step import evaluate, make_mesh, replicate_state
+from fcn_jax.training.step import device_batch_size, evaluate, make_mesh, replicate_state
 from fcn_jax.weights import load_model
 
 
@@ -43,8 +42,7 @@ def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = 
     image per device."""
     if model.num_classes != dataset.num_classes:
         raise FcnJaxError(f"the model predicts {model.num_classes} classes but the dataset has {dataset.num_classes}")
-    devices = jax.device_count()
-    batch_size = max(devices, math.ceil((batch_size or devices) / devices) * devices)
+    batch_size = device_batch_size(batch_size)
     mesh = make_mesh()
     replicate_state(model, mesh)
     batches = EvalBatches(dataset, batch_size, normalization=normalization, process_index=jax.process_index(),

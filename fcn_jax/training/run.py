@@ -16,7 +16,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -195,14 +194,12 @@ def _write_overlays(model, dataset, config: TrainConfig, folder: Path) -> None:
     single-process runs; multi-host runs skip the pictures)."""
     if config.overlays <= 0 or jax.process_count() > 1:
         return
-    from fcn_jax.data import normalize
+    from fcn_jax.prediction import predict
 
     folder.mkdir(parents=True, exist_ok=True)
-    model.eval()
-    for i in range(min(config.overlays, len(dataset))):
-        image, label = dataset[i]
-        logits = model(jnp.asarray(normalize(image[None], config.normalization)))
-        pred = np.asarray(jnp.argmax(logits[0], -1))
+    samples = [dataset[i] for i in range(min(config.overlays, len(dataset)))]
+    preds = predict(model, [image for image, _ in samples], normalization=config.normalization)
+    for i, ((image, label), pred) in enumerate(zip(samples, preds)):
         overlay_panel(image, label, pred, dataset.palette, dataset.class_names, config.ignore_index).save(
             folder / f"val_{i:03d}.png")
     model.train()

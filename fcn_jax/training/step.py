@@ -29,6 +29,12 @@ def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
+def device_batch_size(requested: int = 0) -> int:
+    """The smallest multiple of the device count that holds ``requested`` images (0: one per device)."""
+    devices = jax.device_count()
+    return max(devices, -(-(requested or devices) // devices) * devices)
+
+
 def replicate(tree, mesh):
     """Place every array of ``tree`` (identical on all processes) on all devices."""
     sharding = NamedSharding(mesh, P())
