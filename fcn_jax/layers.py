@@ -171,6 +171,45 @@ class BatchNorm2d(nnx.Module):
         return y.astype(self.dtype)
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped, as in PyTorch."""
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    """``torch.nn.MaxPool2d(2, 2)`` on NHWC: odd trailing rows/columns are dropped, as in PyTorch.
+
+    The gradient (custom) goes to the first maximum of each window in row-major order, PyTorch's
+    rule for ties (e.g. windows of zeros after ReLU). Autodiff of ``reduce_window`` would track the
+    argmax with four index arrays per pool and scatter, which XLA's CPU backend runs several times
+    slower than these four masked selects: the windows do not overlap, so no scatter is needed.
+    """
+    return _windows(x).max(axis=(2, 4))
+
+
+def _windows(x: jax.Array) -> jax.Array:
+    """(N, H, W, C) -> (N, H//2, 2, W//2, 2, C), dropping an odd last row/column."""
+    n, h, w, c = x.shape
+    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _max_pool_fwd(x):
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, dy):
+    x, y = residuals
+    win = _windows(x)
+    y, dy = y[:, :, None, :, None], dy[:, :, None, :, None]
+    taken = jnp.zeros(y.shape, bool)
+    rows = []
+    for i in range(2):
+        cols = []
+        for j in range(2):
+            first = (win[:, :, i:i + 1, :, j:j + 1] == y) & ~taken
+            taken = taken | first
+            cols.append(jnp.where(first, dy, jnp.zeros_like(dy)))
+        rows.append(jnp.concatenate(cols, axis=4))
+    n, h, w, c = x.shape
+    dx = jnp.concatenate(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

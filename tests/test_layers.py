@@ -100,6 +100,22 @@ def test_max_pool_matches_torch_including_odd_sizes(torch, h, w):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("h,w", [(8, 8), (7, 9), (3, 5)])
+def test_max_pool_gradient_matches_torch_with_ties(torch, h, w):
+    """Ties (windows of zeros after ReLU, repeated values) send the whole gradient to the first
+    maximum in row-major order, as torch does; dropped odd rows/columns get zero gradient."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(-1, 2, (2, 3, h, w)).astype(np.float64)  # -1, 0, 1: many ties
+    x[0, 0] = np.maximum(x[0, 0], 0)  # ReLU-like windows of zeros
+    dy = rng.standard_normal((2, 3, h // 2, w // 2))
+    xt = torch.from_numpy(x).requires_grad_()
+    torch.nn.functional.max_pool2d(xt, 2, 2).backward(torch.from_numpy(dy))
+    with jax.enable_x64(True):
+        _, vjp = jax.vjp(max_pool_2x2, jnp.asarray(nhwc(x)))
+        (dx,) = vjp(jnp.asarray(nhwc(dy)))
+    np.testing.assert_array_equal(nchw(dx), xt.grad.numpy())
+
+
 def test_max_pool_keeps_bfloat16():
     assert max_pool_2x2(jnp.ones((1, 4, 4, 2), jnp.bfloat16)).dtype == jnp.bfloat16
 
