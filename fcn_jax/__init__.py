@@ -4,6 +4,10 @@ Images are NHWC float arrays; models return NHWC logits of the input's size. PyT
 needed for reading ``.pth`` files and for :mod:`fcn_jax.reference`.
 """
 
+from fcn_jax.xla_flags import apply_default_xla_flags
+
+apply_default_xla_flags()  # before anything starts JAX's backend; see fcn_jax/xla_flags.py
+
 from fcn_jax.convert import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
 from fcn_jax.errors import FcnJaxError, WeightsError
 from fcn_jax.models import ARCHS, BACKBONES, FCN, VGGBackbone, create_model

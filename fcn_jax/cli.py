@@ -78,6 +78,20 @@ def _cmd_summary(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from fcn_jax.compare import run_compare
+
+    result = run_compare(arch=args.arch, backbone=args.backbone, batch_norm=args.batch_norm,
+                         num_classes=args.num_classes, batch_size=args.batch_size, size=args.size,
+                         weights=args.weights, float64=args.float64, seed=args.seed, lr=args.lr,
+                         repeats=args.repeats, warmup=args.warmup, fidelity=not args.no_fidelity,
+                         speed=not args.no_speed, progress=not args.no_progress, json_path=args.json)
+    if not result.ok:
+        print("fcn-jax: error: JAX and PyTorch differ by more than the tolerance (rows marked NO)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     """The options evaluate and predict share."""
     p.add_argument("--batch-size", type=int, default=0, help="images per batch (default: one per device)")
@@ -152,6 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as in training (a run directory's own setting wins)")
     _add_batch_options(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("compare", help="the same FCN in PyTorch and JAX: differences and speed",
+                       description="Build the PyTorch reference and the JAX model with the same weights, feed "
+                                   "both the same batch, and print the max abs/relative error of x1..x5, the "
+                                   "logits (eval and train mode), the loss, gradients, BatchNorm statistics and "
+                                   "parameters after one SGD step, then forward and training-step speed. Exits 1 "
+                                   "when a difference is over its tolerance.")
+    p.add_argument("--arch", choices=ARCHS, default="fcn8s")
+    p.add_argument("--backbone", choices=BACKBONES, default="vgg16")
+    p.add_argument("--batch-norm", action="store_true", help="the _bn backbone")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--size", type=parse_size, default=(224, 224), metavar="HxW",
+                   help="input size, multiples of 32 (default 224x224)")
+    p.add_argument("--weights", help="an fcn-jax .safetensors (its architecture wins) or a PyTorch reference FCN "
+                                     ".pth; default: random weights with randomised BatchNorm statistics")
+    p.add_argument("--float64", action="store_true", help="compare in float64 (tolerances 1e-8..1e-12)")
+    p.add_argument("--seed", type=int, default=0, help="weights and batch")
+    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate of the compared step")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians are reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs of each before timing")
+    p.add_argument("--no-fidelity", action="store_true", help="speed only")
+    p.add_argument("--no-speed", action="store_true", help="fidelity only")
+    p.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

@@ -62,13 +62,17 @@ class FCN(nnx.Module):
         raise NotImplementedError
 
     def __call__(self, images: jax.Array) -> jax.Array:
+        return self.features_and_logits(images)[1]
+
+    def features_and_logits(self, images: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The backbone's ``{"x1": .., "x5": ..}`` (of the padded input) and the logits, from one pass."""
         images = check_images(images)
         h, w = images.shape[1:3]
         pad_h, pad_w = -h % STRIDE, -w % STRIDE
         if pad_h or pad_w:
             images = jnp.pad(images, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-        logits = self.classifier(self.decode(self.backbone(images)))
-        return logits[:, :h, :w]
+        feats = self.backbone(images)
+        return feats, self.classifier(self.decode(feats))[:, :h, :w]
 
 
 class FCN32s(FCN):

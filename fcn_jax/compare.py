@@ -1,0 +1,594 @@
+"""``fcn-jax compare``: the same FCN in PyTorch and in JAX, fed the same batch: how far apart, how fast.
+
+:func:`compare` builds the PyTorch reference (:mod:`fcn_jax.reference`) and the JAX model with the
+same weights (random, with BatchNorm statistics moved off their defaults, unless a weights file is
+given) and measures
+
+- fidelity: max abs / max relative error of ``x1..x5`` and the logits in eval and train mode, the loss,
+  every gradient, the BatchNorm running statistics and the parameters after one SGD step;
+- speed: median forward (eval) and training-step (SGD with momentum) times after warm-up, images/s,
+  FLOP/s, JAX compile time, peak memory; JAX and PyTorch measured in alternating rounds in one process.
+
+Relative error is ``max |jax - torch| / max |torch|`` over a tensor; for gradients, a parameter whose
+true gradient is zero (a conv bias feeding a train-mode BatchNorm holds only rounding noise) is judged
+against the model's largest gradient instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from fcn_jax.convert import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
+from fcn_jax.errors import FcnJaxError
+from fcn_jax.models import create_model, torch_feature_indices
+from fcn_jax.models.fcn import STRIDE
+from fcn_jax.training.losses import cross_entropy
+from fcn_jax.training.step import train_step
+from fcn_jax.weights import load_model
+
+# (float32, float64) bars on max |jax - torch| / scale, scale = max |torch| of the tensor, except for
+# float32 gradients: there the model's largest gradient (see fidelity_checks).
+TOLERANCES = {
+    "eval": (1e-5, 1e-10),
+    "train": (1e-4, 1e-10),  # train-mode BatchNorm divides by batch statistics: more rounding
+    "loss": (1e-5, 1e-12),
+    "gradients": (1e-3, 1e-8),
+    "bn stats": (1e-5, 1e-10),
+    "parameters": (1e-5, 1e-12),
+}
+TRUTH_FACTOR = 4  # measured JAX/PyTorch ratios of float32 error against float64: 0.5..2.5
+IGNORE_INDEX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One fidelity row: ``section`` (eval, train, step) and ``name`` (x1, logits, loss, ...)."""
+    section: str
+    name: str
+    max_abs: float
+    max_ref: float
+    tolerance: float
+    worst: str = ""  # the tensor with the largest relative error, for rows over many tensors
+    jax_vs_float64: float | None = None  # float32 runs: each framework's relative error against
+    torch_vs_float64: float | None = None  # the PyTorch reference run in float64
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / max(self.max_ref, np.finfo(np.float64).tiny)
+
+    @property
+    def ok(self) -> bool:
+        """Within the tolerance, or (float32) no more than ``TRUTH_FACTOR`` times as far from the float64
+        reference as PyTorch's own float32 result: then the difference is rounding, not a bug."""
+        if self.relative <= self.tolerance:
+            return True
+        return self.jax_vs_float64 is not None and self.jax_vs_float64 <= TRUTH_FACTOR * self.torch_vs_float64
+
+
+@dataclasses.dataclass
+class Timing:
+    """Speed of one framework; times in milliseconds (medians), memory in MiB."""
+    forward_ms: float
+    step_ms: float
+    forward_all_ms: list[float]
+    step_all_ms: list[float]
+    compile_forward_s: float | None = None  # JAX only
+    compile_step_s: float | None = None
+    forward_peak_mib: float | None = None
+    step_peak_mib: float | None = None
+    memory_method: str = ""
+
+
+@dataclasses.dataclass
+class CompareResult:
+    config: dict
+    checks: list[Check]
+    timings: dict[str, Timing]  # "jax", "torch"
+    flops: dict[str, float]  # XLA's count: "forward", "step" (per batch)
+    environment: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def ratios(self) -> dict[str, float]:
+        if not self.timings:
+            return {}
+        j, t = self.timings["jax"], self.timings["torch"]
+        return {"forward": j.forward_ms / t.forward_ms, "step": j.step_ms / t.step_ms}
+
+    def to_json(self) -> dict:
+        return {"config": self.config, "ok": self.ok,
+                "checks": [{**dataclasses.asdict(c), "relative": c.relative, "ok": c.ok} for c in self.checks],
+                "timings": {k: dataclasses.asdict(v) for k, v in self.timings.items()},
+                "jax_over_torch": self.ratios(), "flops": self.flops, "environment": self.environment}
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models
+
+
+def build_pair(arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = False, num_classes: int = 21,
+               weights: str | os.PathLike | None = None, seed: int = 0, float64: bool = False):
+    """``(jax_model, torch_model, description)`` holding the same weights, both in train mode.
+
+    ``weights``: an fcn-jax ``.safetensors`` (its own architecture wins) or a PyTorch reference FCN
+    state_dict (``.pth``; depth, BatchNorm and classes are read from it, ``arch`` must be right).
+    Without, the torch model is initialised from ``seed`` and its BatchNorm parameters and running
+    statistics are randomised, so that eval and train mode differ.
+    """
+    import torch
+
+    from fcn_jax.reference import build_torch_model, randomize_batchnorm_
+    from fcn_jax.verify import torch_twin
+
+    dtype = jnp.float64 if float64 else jnp.float32
+    if weights is not None and Path(weights).suffix == ".safetensors":
+        stored = load_model(weights)
+        sd = to_torch_state_dict(stored, as_torch=True)
+        twin = torch_twin(stored, sd)
+        arch, backbone = stored.arch, stored.backbone.name
+        batch_norm, num_classes = stored.backbone.batch_norm, stored.num_classes
+        source = str(weights)
+    elif weights is not None:
+        sd = read_torch_state_dict(weights)
+        found = infer_config(sd)
+        backbone, batch_norm = found.get("backbone", backbone), found.get("batch_norm", batch_norm)
+        num_classes = found.get("num_classes", num_classes)
+        twin = build_torch_model(arch, num_classes, backbone, batch_norm)
+        twin.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+        source = str(weights)
+    else:
+        torch.manual_seed(seed)
+        twin = randomize_batchnorm_(build_torch_model(arch, num_classes, backbone, batch_norm), seed)
+        source = f"random (seed {seed})"
+    if float64:
+        twin = twin.double()
+    model = create_model(arch, num_classes=num_classes, backbone=backbone, batch_norm=batch_norm,
+                         dtype=dtype, param_dtype=dtype)
+    load_torch_state_dict(model, twin.state_dict())
+    twin.train()
+    model.train()
+    name = f"{arch}-{backbone}{'-bn' if batch_norm else ''}, {num_classes} classes, weights: {source}"
+    return model, twin, name
+
+
+def make_batch(batch_size: int, size: tuple[int, int], num_classes: int, seed: int = 0,
+               dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised-image-like NCHW inputs and labels with a block of ignored pixels."""
+    h, w = size
+    if h % STRIDE or w % STRIDE:
+        raise FcnJaxError(f"--size must be a multiple of {STRIDE} in both sides (the PyTorch reference "
+                          f"accepts nothing else), got {h}x{w}")
+    if batch_size < 1:
+        raise FcnJaxError(f"--batch-size must be at least 1, got {batch_size}")
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch_size, 3, h, w)).astype(dtype)
+    labels = rng.integers(0, num_classes, (batch_size, h, w))
+    labels[:, : h // 8, : w // 8] = IGNORE_INDEX
+    return images, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity
+#
+# Both frameworks produce the same named groups of tensors, torch-named: "eval x1" .. "eval logits",
+# "train x1" .. "train loss" (one train-mode forward), "step gradients", "step bn stats" and
+# "step parameters" (after one SGD step with momentum 0.9).
+
+
+def _nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def _torch_forward(twin, x):
+    """``(features, logits)`` of the torch FCN, features captured from its backbone's output."""
+    captured = {}
+    handle = twin.pretrained_net.register_forward_hook(lambda m, i, out: captured.update(out))
+    try:
+        logits = twin(x)
+    finally:
+        handle.remove()
+    return captured, logits
+
+
+def torch_results(twin, images: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, dict[str, np.ndarray]]:
+    """The groups of the PyTorch reference (run on a copy of ``twin``)."""
+    import torch
+
+    twin = copy.deepcopy(twin)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    out = {}
+    with torch.no_grad():
+        feats, logits = _torch_forward(twin.eval(), x)
+    out.update({f"eval {k}": {k: v.numpy()} for k, v in sorted(feats.items())})
+    out["eval logits"] = {"logits": logits.numpy()}
+    optimizer = torch.optim.SGD(twin.train().parameters(), lr=lr, momentum=0.9)
+    feats, logits = _torch_forward(twin, x)
+    loss = torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
+    loss.backward()
+    optimizer.step()
+    out.update({f"train {k}": {k: v.detach().numpy()} for k, v in sorted(feats.items())})
+    out["train logits"] = {"logits": logits.detach().numpy()}
+    out["train loss"] = {"loss": np.asarray(loss.item())}
+    out["step gradients"] = {k: p.grad.numpy().copy() for k, p in twin.named_parameters()}
+    state = {k: v.numpy() for k, v in twin.state_dict().items()}
+    out["step bn stats"] = {k: state[k] for k in state if k.endswith(("running_mean", "running_var"))}
+    out["step parameters"] = {k: state[k] for k in out["step gradients"]}
+    return out
+
+
+def jax_results(model, images: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, dict[str, np.ndarray]]:
+    """The groups of the JAX model (run on a copy of ``model``), torch-named."""
+    model = nnx.clone(model)
+    x, y = jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(labels)
+    out = {}
+    model.eval()
+    feats, logits = nnx.jit(lambda m, x: m.features_and_logits(x))(model, x)
+    out.update({f"eval {k}": {k: _nchw(v)} for k, v in sorted(feats.items())})
+    out["eval logits"] = {"logits": _nchw(logits)}
+
+    def loss_fn(m):
+        f, out = m.features_and_logits(x)
+        return cross_entropy(out, y, ignore_index=IGNORE_INDEX), (f, out)
+
+    @nnx.jit
+    def sgd_step(m, optimizer):
+        (loss, aux), grads = nnx.value_and_grad(loss_fn, has_aux=True)(m)
+        optimizer.update(m, grads)
+        return loss, aux, grads
+
+    model.train()
+    loss, (feats, logits), grads = sgd_step(model, nnx.Optimizer(model, optax.sgd(lr, momentum=0.9), wrt=nnx.Param))
+    out.update({f"train {k}": {k: _nchw(v)} for k, v in sorted(feats.items())})
+    out["train logits"] = {"logits": _nchw(logits)}
+    out["train loss"] = {"loss": np.asarray(loss)}
+    holder = nnx.clone(model)  # the converter lays the gradients out as torch's parameters
+    nnx.update(holder, grads)
+    grads = to_torch_state_dict(holder)
+    state = to_torch_state_dict(model)
+    out["step gradients"] = {k: v for k, v in grads.items() if k in state and "running" not in k
+                             and not k.endswith("num_batches_tracked")}
+    out["step bn stats"] = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
+    out["step parameters"] = {k: state[k] for k in out["step gradients"]}
+    return out
+
+
+def _tolerance(group: str, float64: bool) -> float:
+    section, name = group.split(" ", 1)
+    kind = name if section == "step" else "loss" if name == "loss" else section
+    return TOLERANCES[kind][1 if float64 else 0]
+
+
+def _max_relative(ours: dict, ref: dict, scales: dict) -> tuple[float, float, float, str]:
+    """``(relative, max_abs, scale, key)`` of the tensor with the largest ``max |ours - ref| / scale``."""
+    rows = []
+    for key, r in ref.items():
+        a = np.asarray(ours[key], np.float64)
+        if a.shape != r.shape:
+            raise AssertionError(f"{key}: JAX shape {a.shape} != PyTorch shape {r.shape}")
+        err = float(np.abs(a - np.asarray(r, np.float64)).max())
+        rows.append((err / max(scales[key], np.finfo(np.float64).tiny), err, scales[key], key))
+    return max(rows)
+
+
+def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: float = 0.01,
+                    float64: bool = False) -> list[Check]:
+    """One :class:`Check` per group, each tensor judged against its own largest value.
+
+    Two exceptions. A conv bias feeding a train-mode BatchNorm has a true gradient of zero and stays
+    ~0: its gradient and value are judged against the model's largest. In float32 every gradient is
+    judged against the model's largest gradient: train-mode BatchNorm's backward subtracts nearly
+    equal terms, so small gradients carry rounding noise of the size of the large ones' (PyTorch on
+    CPU hides part of it by accumulating BatchNorm in double). ``float64`` checks each tensor at 1e-8.
+
+    In float32 the PyTorch reference also runs in float64 as the truth, and each row records both
+    frameworks' error against it: a row over its tolerance still passes when JAX's error is at most
+    ``TRUTH_FACTOR`` times PyTorch's (see :attr:`Check.ok`).
+    """
+    ours = jax_results(model, images, labels, lr)
+    ref = torch_results(twin, images, labels, lr)
+    truth = None if float64 else torch_results(copy.deepcopy(twin).double(), images.astype(np.float64), labels, lr)
+    zero_grad_biases = {f"pretrained_net.features.{conv}.bias"
+                        for conv, bn in torch_feature_indices(model.backbone.name, model.backbone.batch_norm)
+                        if bn is not None}
+    checks = []
+    for group, tensors in ref.items():
+        scales = {k: float(np.abs(v).max()) for k, v in tensors.items()}
+        if group in ("step gradients", "step parameters"):
+            largest = max(scales.values())
+            scales.update({k: largest for k in zero_grad_biases})
+            if group == "step gradients" and not float64:
+                scales = dict.fromkeys(scales, largest)
+        relative, max_abs, scale, key = _max_relative(ours[group], tensors, scales)
+        vs_truth = {}
+        if truth is not None:
+            vs_truth = {"jax_vs_float64": _max_relative(ours[group], truth[group], scales)[0],
+                        "torch_vs_float64": _max_relative(tensors, truth[group], scales)[0]}
+        section, name = group.split(" ", 1)
+        checks.append(Check(section, name, max_abs, scale, _tolerance(group, float64),
+                            worst=key if len(tensors) > 1 else "", **vs_truth))
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Speed
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of a code block, in MiB: the accelerator allocator's peak on GPU/TPU (JAX or torch),
+    else the process's resident set growth over the block, sampled every millisecond."""
+
+    def __init__(self, framework: str):
+        self.framework, self.mib, self._samples = framework, None, []
+        self.method = "resident set growth" if self._on_host() else "allocator peak"
+
+    def _on_host(self) -> bool:
+        if self.framework == "jax":
+            return jax.devices()[0].platform == "cpu"
+        import torch
+
+        return not torch.cuda.is_available()
+
+    def __enter__(self):
+        if self._on_host():
+            with contextlib.suppress(OSError, AttributeError):  # return freed heap pages first (glibc)
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            self._base, self._peak, self._stop = _rss_bytes(), 0, threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        elif self.framework == "torch":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self._on_host():
+            self._stop.set()
+            self._thread.join()
+            self.mib = max(self._peak - self._base, 0) / 2**20
+        elif self.framework == "torch":
+            import torch
+
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            stats = jax.devices()[0].memory_stats() or {}
+            self.mib = stats.get("peak_bytes_in_use", 0) / 2**20 or None
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeats: int = 5, warmup: int = 2,
+                  lr: float = 0.01, progress=None) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Median forward (eval) and training-step times of both frameworks, measured in alternating
+    rounds so that a drifting machine affects both alike. The models are copied, not changed."""
+    import torch
+
+    model, twin = nnx.clone(model), copy.deepcopy(twin)
+    x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
+    x_j, y_j = jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(labels)
+
+    eval_model = nnx.clone(model)
+    eval_model.eval()
+    forward = nnx.jit(lambda m, x: m(x))
+    optimizer = nnx.Optimizer(model, optax.sgd(lr, momentum=0.9), wrt=nnx.Param)
+    start = time.perf_counter()
+    compiled_forward = forward.lower(eval_model, x_j).compile()
+    compile_forward = time.perf_counter() - start
+    start = time.perf_counter()
+    compiled_step = train_step.lower(model, optimizer, x_j, y_j, cross_entropy).compile()
+    compile_step = time.perf_counter() - start
+    flops = {k: float((c.cost_analysis() or {}).get("flops", 0.0))
+             for k, c in (("forward", compiled_forward), ("step", compiled_step))}
+
+    twin_eval = copy.deepcopy(twin).eval()
+    opt_t = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9)
+
+    def torch_step():
+        opt_t.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(twin(x_t), y_t, ignore_index=IGNORE_INDEX).backward()
+        opt_t.step()
+
+    def torch_forward():
+        with torch.inference_mode():
+            twin_eval(x_t)
+
+    runs = {
+        ("jax", "forward"): lambda: compiled_forward(eval_model, x_j).block_until_ready(),
+        ("jax", "step"): lambda: compiled_step(model, optimizer, x_j, y_j).block_until_ready(),
+        ("torch", "forward"): torch_forward,
+        ("torch", "step"): torch_step,
+    }
+    times = {k: [] for k in runs}
+    peaks = {}
+    for (framework, kind), run in runs.items():  # warm-up under the memory probe
+        with PeakMemory(framework) as probe:
+            for _ in range(warmup + 1):
+                run()
+        peaks[framework, kind] = probe
+        if progress:
+            progress()
+    for r in range(repeats):
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        for key in order:
+            times[key].append(_timed(runs[key]))
+        if progress:
+            progress()
+
+    timings = {}
+    for framework in ("jax", "torch"):
+        fwd, step = times[framework, "forward"], times[framework, "step"]
+        timings[framework] = Timing(
+            forward_ms=statistics.median(fwd), step_ms=statistics.median(step), forward_all_ms=fwd,
+            step_all_ms=step, forward_peak_mib=peaks[framework, "forward"].mib,
+            step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method,
+            **({"compile_forward_s": compile_forward, "compile_step_s": compile_step} if framework == "jax" else {}))
+    return timings, flops
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def environment() -> dict:
+    """Devices, threads and versions, as recorded with every comparison."""
+    import flax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "jax_devices": [str(d) for d in jax.devices()], "jax_platform": jax.devices()[0].platform,
+        "torch_device": cuda or "cpu", "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__, "optax": optax.__version__, "torch": torch.__version__,
+        "numpy": np.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def format_report(result: CompareResult) -> str:
+    c = result.config
+    lines = [f"fcn-jax compare: {c['model']}",
+             f"batch {c['batch_size']} x {c['size'][0]}x{c['size'][1]}, {c['dtype']}, SGD lr {c['lr']} momentum 0.9", ""]
+    if result.checks:
+        truth = result.checks[0].jax_vs_float64 is not None
+        lines.append(f"{'fidelity (JAX vs PyTorch)':<24} {'max |diff|':>11} {'scale':>11} {'relative':>10} "
+                     + (f"{'JAX err':>10} {'torch err':>10} " if truth else "") + f"{'tolerance':>10}  ok")
+        for ch in result.checks:
+            name = f"{ch.section} {ch.name}"
+            lines.append(f"  {name:<22} {ch.max_abs:11.3e} {ch.max_ref:11.3e} {ch.relative:10.2e} "
+                         + (f"{ch.jax_vs_float64:10.2e} {ch.torch_vs_float64:10.2e} " if truth else "")
+                         + f"{ch.tolerance:10.0e}  {'yes' if ch.ok else 'NO'}"
+                         + (f"  (worst: {ch.worst})" if ch.worst else ""))
+        if truth:
+            lines.append(f"  JAX err, torch err: each float32 result's relative error against PyTorch in float64; "
+                         f"a row over tolerance passes when JAX err <= {TRUTH_FACTOR} x torch err")
+        lines.append("")
+    if result.timings:
+        j, t = result.timings["jax"], result.timings["torch"]
+        n = c["batch_size"]
+        ratio = result.ratios()
+
+        def row(label, a, b, fmt, r=None):
+            cells = [fmt.format(v) if v is not None else "-" for v in (a, b)]
+            return f"  {label:<26} {cells[0]:>12} {cells[1]:>12} {'' if r is None else f'{r:10.2f}'}"
+
+        def gflops(kind, ms):
+            return result.flops.get(kind, 0) / ms / 1e6 if result.flops.get(kind) else None
+
+        lines += [f"{'speed (median of ' + str(c['repeats']) + ')':<28} {'JAX':>12} {'PyTorch':>12} {'JAX/PyTorch':>10}",
+                  row("forward, eval (ms)", j.forward_ms, t.forward_ms, "{:.1f}", ratio["forward"]),
+                  row("forward (images/s)", n * 1e3 / j.forward_ms, n * 1e3 / t.forward_ms, "{:.2f}"),
+                  row("forward (GFLOP/s)", gflops("forward", j.forward_ms), gflops("forward", t.forward_ms), "{:.0f}"),
+                  row("train step (ms)", j.step_ms, t.step_ms, "{:.1f}", ratio["step"]),
+                  row("train step (images/s)", n * 1e3 / j.step_ms, n * 1e3 / t.step_ms, "{:.2f}"),
+                  row("train step (GFLOP/s)", gflops("step", j.step_ms), gflops("step", t.step_ms), "{:.0f}"),
+                  row("compile forward (s)", j.compile_forward_s, None, "{:.2f}"),
+                  row("compile train step (s)", j.compile_step_s, None, "{:.2f}"),
+                  row("peak memory fwd (MiB)", j.forward_peak_mib, t.forward_peak_mib, "{:.0f}"),
+                  row("peak memory step (MiB)", j.step_peak_mib, t.step_peak_mib, "{:.0f}"),
+                  f"  memory: {j.memory_method} (JAX), {t.memory_method} (PyTorch); "
+                  f"FLOPs per batch (XLA): forward {result.flops.get('forward', 0) / 1e9:.1f} G, "
+                  f"step {result.flops.get('step', 0) / 1e9:.1f} G", ""]
+    e = result.environment
+    lines += [f"environment: JAX {e['jax']} on {', '.join(e['jax_devices'])}; PyTorch {e['torch']} on "
+              f"{e['torch_device']} with {e['torch_threads']} threads; flax {e['flax']}; {e['cpu']} "
+              f"({e['cpu_count']} CPUs); Python {e['python']}"
+              + (f"; XLA_FLAGS={e['xla_flags']}" if e["xla_flags"] else "")]
+    if result.checks:
+        failed = [f"{ch.section} {ch.name}" for ch in result.checks if not ch.ok]
+        lines.append("all fidelity checks within tolerance" if not failed
+                     else f"OVER TOLERANCE: {', '.join(failed)}")
+    return "\n".join(lines)
+
+
+def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = False, num_classes: int = 21,
+            batch_size: int = 2, size: tuple[int, int] = (224, 224), weights=None, float64: bool = False,
+            seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
+            speed: bool = True, progress: bool = True) -> CompareResult:
+    """Build both models, run the fidelity checks and the speed measurement; see the module doc."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise FcnJaxError("fcn-jax compare needs PyTorch and torchvision: pip install 'fcn-jax[torch]'") from e
+    if repeats < 1 or warmup < 0:
+        raise FcnJaxError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
+    with jax.enable_x64(float64), jax.default_matmul_precision("highest"):
+        model, twin, name = build_pair(arch, backbone, batch_norm, num_classes, weights, seed, float64)
+        images, labels = make_batch(batch_size, size, model.num_classes, seed,
+                                    np.float64 if float64 else np.float32)
+        checks = fidelity_checks(model, twin, images, labels, lr=lr, float64=float64) if fidelity else []
+    timings, flops = {}, {}
+    if speed:  # at the backend's default precision: what users get
+        bar = _progress_bar(warmup_runs=4, repeats=repeats, enabled=progress)
+        with jax.enable_x64(float64), bar:
+            timings, flops = measure_speed(model, twin, images, labels, repeats=repeats, warmup=warmup, lr=lr,
+                                           progress=bar.update)
+    config = {"model": name, "arch": model.arch, "backbone": model.backbone.name,
+              "batch_norm": model.backbone.batch_norm, "num_classes": model.num_classes,
+              "batch_size": batch_size, "size": list(size), "dtype": "float64" if float64 else "float32",
+              "lr": lr, "repeats": repeats, "warmup": warmup, "seed": seed}
+    return CompareResult(config, checks, timings, flops, environment())
+
+
+class _progress_bar(contextlib.AbstractContextManager):
+    def __init__(self, warmup_runs: int, repeats: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=warmup_runs + repeats, desc="timing (warm-up, then rounds)", unit="run",
+                         disable=not enabled, leave=False)
+
+    def update(self):
+        self._bar.update()
+
+    def __exit__(self, *exc):
+        self._bar.close()
+
+
+def run_compare(*, json_path: str | os.PathLike | None = None, **kwargs) -> CompareResult:
+    """``fcn-jax compare``: print the report, write JSON if asked."""
+    result = compare(**kwargs)
+    print(format_report(result))
+    if json_path:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result.to_json(), indent=2))
+        print(f"wrote {path}")
+    return result
