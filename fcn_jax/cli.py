@@ -85,7 +85,8 @@ def _cmd_compare(args) -> int:
                          num_classes=args.num_classes, batch_size=args.batch_size, size=args.size,
                          weights=args.weights, float64=args.float64, seed=args.seed, lr=args.lr,
                          repeats=args.repeats, warmup=args.warmup, fidelity=not args.no_fidelity,
-                         speed=not args.no_speed, progress=not args.no_progress, json_path=args.json)
+                         speed=not args.no_speed, torch_compile=args.torch_compile, progress=not args.no_progress,
+                         json_path=args.json)
     if not result.ok:
         print("fcn-jax: error: JAX and PyTorch differ by more than the tolerance (rows marked NO)", file=sys.stderr)
         return 1
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed runs of each before timing")
     p.add_argument("--no-fidelity", action="store_true", help="speed only")
     p.add_argument("--no-speed", action="store_true", help="fidelity only")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="also time torch.compile (needs a C++ compiler on CPU; compiling takes minutes)")
     p.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)

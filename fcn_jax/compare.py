@@ -88,7 +88,7 @@ class Timing:
     step_ms: float
     forward_all_ms: list[float]
     step_all_ms: list[float]
-    compile_forward_s: float | None = None  # JAX only
+    compile_forward_s: float | None = None  # JAX: lower + compile; torch.compile: its first call
     compile_step_s: float | None = None
     forward_peak_mib: float | None = None
     step_peak_mib: float | None = None
@@ -99,7 +99,7 @@ class Timing:
 class CompareResult:
     config: dict
     checks: list[Check]
-    timings: dict[str, Timing]  # "jax", "torch"
+    timings: dict[str, Timing]  # "jax", "torch" (, "torch.compile")
     flops: dict[str, float]  # XLA's count: "forward", "step" (per batch)
     environment: dict
 
@@ -108,10 +108,7 @@ class CompareResult:
         return all(c.ok for c in self.checks)
 
     def ratios(self) -> dict[str, float]:
-        if not self.timings:
-            return {}
-        j, t = self.timings["jax"], self.timings["torch"]
-        return {"forward": j.forward_ms / t.forward_ms, "step": j.step_ms / t.step_ms}
+        return speed_ratios(self.timings) if self.timings else {}
 
     def to_json(self) -> dict:
         return {"config": self.config, "ok": self.ok,
@@ -389,53 +386,66 @@ def _timed(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeats: int = 5, warmup: int = 2,
-                  lr: float = 0.01, progress=None) -> tuple[dict[str, Timing], dict[str, float]]:
-    """Median forward (eval) and training-step times of both frameworks, measured in alternating
-    rounds so that a drifting machine affects both alike. The models are copied, not changed."""
+def _torch_runs(twin, x, y, lr: float, compile: bool):
+    """``(forward, step)`` callables of a torch FCN (eager, or through ``torch.compile``), on copies."""
     import torch
 
-    model, twin = nnx.clone(model), copy.deepcopy(twin)
+    train_model, eval_model = copy.deepcopy(twin).train(), copy.deepcopy(twin).eval()
+    optimizer = torch.optim.SGD(train_model.parameters(), lr=lr, momentum=0.9)
+    if compile:
+        train_model, eval_model = torch.compile(train_model), torch.compile(eval_model)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(train_model(x), y, ignore_index=IGNORE_INDEX).backward()
+        optimizer.step()
+
+    def forward():
+        with torch.inference_mode():
+            eval_model(x)
+
+    return forward, step
+
+
+def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeats: int = 5, warmup: int = 2,
+                  lr: float = 0.01, torch_compile: bool = False,
+                  progress=None) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Median forward (eval) and training-step times of JAX (``fcn_jax.training.train_step``), PyTorch
+    eager and optionally ``torch.compile``, measured in alternating rounds so that a drifting machine
+    affects all alike. The models are copied, not changed. Returns timings keyed "jax", "torch"
+    (and "torch.compile") and XLA's FLOP counts per batch."""
+    import torch
+
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))  # own buffers: the step donates them
     x_t, y_t = torch.from_numpy(images), torch.from_numpy(labels)
     x_j, y_j = jnp.asarray(images.transpose(0, 2, 3, 1)), jnp.asarray(labels)
 
     eval_model = nnx.clone(model)
     eval_model.eval()
-    forward = nnx.jit(lambda m, x: m(x))
     optimizer = nnx.Optimizer(model, optax.sgd(lr, momentum=0.9), wrt=nnx.Param)
     start = time.perf_counter()
-    compiled_forward = forward.lower(eval_model, x_j).compile()
-    compile_forward = time.perf_counter() - start
+    compiled_forward = nnx.jit(lambda m, x: m(x)).lower(eval_model, x_j).compile()
+    compile_s = {("jax", "forward"): time.perf_counter() - start}
     start = time.perf_counter()
     compiled_step = train_step.lower(model, optimizer, x_j, y_j, cross_entropy).compile()
-    compile_step = time.perf_counter() - start
+    compile_s["jax", "step"] = time.perf_counter() - start
     flops = {k: float((c.cost_analysis() or {}).get("flops", 0.0))
              for k, c in (("forward", compiled_forward), ("step", compiled_step))}
 
-    twin_eval = copy.deepcopy(twin).eval()
-    opt_t = torch.optim.SGD(twin.parameters(), lr=lr, momentum=0.9)
-
-    def torch_step():
-        opt_t.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(twin(x_t), y_t, ignore_index=IGNORE_INDEX).backward()
-        opt_t.step()
-
-    def torch_forward():
-        with torch.inference_mode():
-            twin_eval(x_t)
-
-    runs = {
-        ("jax", "forward"): lambda: compiled_forward(eval_model, x_j).block_until_ready(),
-        ("jax", "step"): lambda: compiled_step(model, optimizer, x_j, y_j).block_until_ready(),
-        ("torch", "forward"): torch_forward,
-        ("torch", "step"): torch_step,
-    }
+    runs = {("jax", "forward"): lambda: compiled_forward(eval_model, x_j).block_until_ready(),
+            ("jax", "step"): lambda: compiled_step(model, optimizer, x_j, y_j).block_until_ready()}
+    for name, compile in (("torch", False), ("torch.compile", True))[:2 if torch_compile else 1]:
+        runs[name, "forward"], runs[name, "step"] = _torch_runs(twin, x_t, y_t, lr, compile)
     times = {k: [] for k in runs}
     peaks = {}
     for (framework, kind), run in runs.items():  # warm-up under the memory probe
-        with PeakMemory(framework) as probe:
-            for _ in range(warmup + 1):
+        with PeakMemory("jax" if framework == "jax" else "torch") as probe:
+            first = _timed(run)
+            for _ in range(warmup):
                 run()
+        if framework == "torch.compile":  # its compilation happens in the first call
+            compile_s[framework, kind] = first / 1e3
         peaks[framework, kind] = probe
         if progress:
             progress()
@@ -447,13 +457,13 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
             progress()
 
     timings = {}
-    for framework in ("jax", "torch"):
+    for framework in dict.fromkeys(f for f, _ in runs):
         fwd, step = times[framework, "forward"], times[framework, "step"]
         timings[framework] = Timing(
             forward_ms=statistics.median(fwd), step_ms=statistics.median(step), forward_all_ms=fwd,
-            step_all_ms=step, forward_peak_mib=peaks[framework, "forward"].mib,
-            step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method,
-            **({"compile_forward_s": compile_forward, "compile_step_s": compile_step} if framework == "jax" else {}))
+            step_all_ms=step, compile_forward_s=compile_s.get((framework, "forward")),
+            compile_step_s=compile_s.get((framework, "step")), forward_peak_mib=peaks[framework, "forward"].mib,
+            step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method)
     return timings, flops
 
 
@@ -464,6 +474,7 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
 def environment() -> dict:
     """Devices, threads and versions, as recorded with every comparison."""
     import flax
+    import jaxlib
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -477,10 +488,51 @@ def environment() -> dict:
         "jax_devices": [str(d) for d in jax.devices()], "jax_platform": jax.devices()[0].platform,
         "torch_device": cuda or "cpu", "cpu": cpu, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "jax": jax.__version__, "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "jax": jax.__version__, "jaxlib": jaxlib.__version__,
         "flax": flax.__version__, "optax": optax.__version__, "torch": torch.__version__,
         "numpy": np.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+
+
+def speed_ratios(timings: dict[str, Timing]) -> dict[str, float]:
+    """JAX time / PyTorch eager time, forward and step."""
+    j, t = timings["jax"], timings["torch"]
+    return {"forward": j.forward_ms / t.forward_ms, "step": j.step_ms / t.step_ms}
+
+
+def format_speed(timings: dict[str, Timing], flops: dict[str, float], batch_size: int, repeats: int) -> list[str]:
+    """The speed table: one column per framework; the last column is JAX time / PyTorch eager time
+    (below 1: JAX is faster)."""
+    names = {"jax": "JAX", "torch": "PyTorch", "torch.compile": "torch.compile"}
+    cols = list(timings)
+
+    def row(label, values, fmt, ratio=None):
+        cells = [fmt.format(v) if v is not None else "-" for v in values]
+        return f"  {label:<26}" + "".join(f" {cell:>13}" for cell in cells) + (f" {ratio:12.2f}" if ratio else "")
+
+    def per(kind, fn):
+        return [fn(getattr(timings[f], f"{kind}_ms")) for f in cols]
+
+    def gflops(kind):
+        return per(kind, lambda ms: flops[kind] / ms / 1e6 if flops.get(kind) else None)
+
+    lines = [f"{'speed (median of ' + str(repeats) + ')':<28}" + "".join(f" {names[f]:>13}" for f in cols)
+             + f" {'JAX/PyTorch':>12}"]
+    ratio = speed_ratios(timings)
+    for kind, label in (("forward", "forward, eval"), ("step", "train step")):
+        lines += [row(f"{label} (ms)", per(kind, lambda ms: ms), "{:.1f}", ratio[kind]),
+                  row(f"{label} (images/s)", per(kind, lambda ms: batch_size * 1e3 / ms), "{:.2f}"),
+                  row(f"{label} (GFLOP/s)", gflops(kind), "{:.0f}")]
+    lines += [row("compile forward (s)", [timings[f].compile_forward_s for f in cols], "{:.2f}"),
+              row("compile train step (s)", [timings[f].compile_step_s for f in cols], "{:.2f}"),
+              row("peak memory fwd (MiB)", [timings[f].forward_peak_mib for f in cols], "{:.0f}"),
+              row("peak memory step (MiB)", [timings[f].step_peak_mib for f in cols], "{:.0f}"),
+              f"  memory: {timings['jax'].memory_method} (JAX), {timings['torch'].memory_method} (PyTorch); "
+              f"FLOPs per batch (XLA): forward {flops.get('forward', 0) / 1e9:.1f} G, "
+              f"step {flops.get('step', 0) / 1e9:.1f} G"]
+    if "torch.compile" in timings:
+        lines.append("  torch.compile's compile time is its first call")
+    return lines
 
 
 def format_report(result: CompareResult) -> str:
@@ -502,31 +554,7 @@ def format_report(result: CompareResult) -> str:
                          f"a row over tolerance passes when JAX err <= {TRUTH_FACTOR} x torch err")
         lines.append("")
     if result.timings:
-        j, t = result.timings["jax"], result.timings["torch"]
-        n = c["batch_size"]
-        ratio = result.ratios()
-
-        def row(label, a, b, fmt, r=None):
-            cells = [fmt.format(v) if v is not None else "-" for v in (a, b)]
-            return f"  {label:<26} {cells[0]:>12} {cells[1]:>12} {'' if r is None else f'{r:10.2f}'}"
-
-        def gflops(kind, ms):
-            return result.flops.get(kind, 0) / ms / 1e6 if result.flops.get(kind) else None
-
-        lines += [f"{'speed (median of ' + str(c['repeats']) + ')':<28} {'JAX':>12} {'PyTorch':>12} {'JAX/PyTorch':>10}",
-                  row("forward, eval (ms)", j.forward_ms, t.forward_ms, "{:.1f}", ratio["forward"]),
-                  row("forward (images/s)", n * 1e3 / j.forward_ms, n * 1e3 / t.forward_ms, "{:.2f}"),
-                  row("forward (GFLOP/s)", gflops("forward", j.forward_ms), gflops("forward", t.forward_ms), "{:.0f}"),
-                  row("train step (ms)", j.step_ms, t.step_ms, "{:.1f}", ratio["step"]),
-                  row("train step (images/s)", n * 1e3 / j.step_ms, n * 1e3 / t.step_ms, "{:.2f}"),
-                  row("train step (GFLOP/s)", gflops("step", j.step_ms), gflops("step", t.step_ms), "{:.0f}"),
-                  row("compile forward (s)", j.compile_forward_s, None, "{:.2f}"),
-                  row("compile train step (s)", j.compile_step_s, None, "{:.2f}"),
-                  row("peak memory fwd (MiB)", j.forward_peak_mib, t.forward_peak_mib, "{:.0f}"),
-                  row("peak memory step (MiB)", j.step_peak_mib, t.step_peak_mib, "{:.0f}"),
-                  f"  memory: {j.memory_method} (JAX), {t.memory_method} (PyTorch); "
-                  f"FLOPs per batch (XLA): forward {result.flops.get('forward', 0) / 1e9:.1f} G, "
-                  f"step {result.flops.get('step', 0) / 1e9:.1f} G", ""]
+        lines += format_speed(result.timings, result.flops, c["batch_size"], c["repeats"]) + [""]
     e = result.environment
     lines += [f"environment: JAX {e['jax']} on {', '.join(e['jax_devices'])}; PyTorch {e['torch']} on "
               f"{e['torch_device']} with {e['torch_threads']} threads; flax {e['flax']}; {e['cpu']} "
@@ -542,7 +570,7 @@ def format_report(result: CompareResult) -> str:
 def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = False, num_classes: int = 21,
             batch_size: int = 2, size: tuple[int, int] = (224, 224), weights=None, float64: bool = False,
             seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
-            speed: bool = True, progress: bool = True) -> CompareResult:
+            speed: bool = True, torch_compile: bool = False, progress: bool = True) -> CompareResult:
     """Build both models, run the fidelity checks and the speed measurement; see the module doc."""
     try:
         import torch  # noqa: F401
@@ -557,10 +585,10 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
         checks = fidelity_checks(model, twin, images, labels, lr=lr, float64=float64) if fidelity else []
     timings, flops = {}, {}
     if speed:  # at the backend's default precision: what users get
-        bar = _progress_bar(warmup_runs=4, repeats=repeats, enabled=progress)
+        bar = _progress_bar(warmup_runs=6 if torch_compile else 4, repeats=repeats, enabled=progress)
         with jax.enable_x64(float64), bar:
             timings, flops = measure_speed(model, twin, images, labels, repeats=repeats, warmup=warmup, lr=lr,
-                                           progress=bar.update)
+                                           torch_compile=torch_compile, progress=bar.update)
     config = {"model": name, "arch": model.arch, "backbone": model.backbone.name,
               "batch_norm": model.backbone.batch_norm, "num_classes": model.num_classes,
               "batch_size": batch_size, "size": list(size), "dtype": "float64" if float64 else "float32",
