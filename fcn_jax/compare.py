@@ -290,10 +290,11 @@ def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: 
     """One :class:`Check` per group, each tensor judged against its own largest value.
 
     Two exceptions. A conv bias feeding a train-mode BatchNorm has a true gradient of zero and stays
-    ~0: its gradient and value are judged against the model's largest. In float32 every gradient is
-    judged against the model's largest gradient: train-mode BatchNorm's backward subtracts nearly
-    equal terms, so small gradients carry rounding noise of the size of the large ones' (PyTorch on
-    CPU hides part of it by accumulating BatchNorm in double). ``float64`` checks each tensor at 1e-8.
+    ~0: its gradient and value are judged against the model's largest. In float32 every gradient (and
+    parameter after the step) is judged against the model's largest: a deep backward pass (with
+    train-mode BatchNorm subtracting nearly equal terms) leaves small gradients with rounding noise of
+    the size of the large ones' (PyTorch on CPU hides part of it by accumulating BatchNorm in double).
+    ``float64`` checks each tensor against its own scale at 1e-8.
 
     In float32 the PyTorch reference also runs in float64 as the truth, and each row records both
     frameworks' error against it: a row over its tolerance still passes when JAX's error is at most
@@ -311,7 +312,7 @@ def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: 
         if group in ("step gradients", "step parameters"):
             largest = max(scales.values())
             scales.update({k: largest for k in zero_grad_biases})
-            if group == "step gradients" and not float64:
+            if not float64:  # parameters after the step differ by lr x the gradients' difference
                 scales = dict.fromkeys(scales, largest)
         relative, max_abs, scale, key = _max_relative(ours[group], tensors, scales)
         vs_truth = {}

@@ -186,37 +186,38 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     The gradient (custom) goes to the first maximum of each window in row-major order, PyTorch's
     rule for ties (e.g. windows of zeros after ReLU). Autodiff of ``reduce_window`` would track the
     argmax with four index arrays per pool and scatter, which XLA's CPU backend runs several times
-    slower than these four masked selects: the windows do not overlap, so no scatter is needed.
+    slower. Here the forward pass keeps the winner's position (0..3, int8) and the backward pass
+    routes the gradient with four selects: the windows do not overlap, so no scatter is needed.
+    The position is saved rather than found again by comparing x with the max: under ``jit`` XLA
+    may recompute x inside the backward fusion with different rounding, and equality would fail.
     """
-    return _windows(x).max(axis=(2, 4))
+    return _max_and_position(x)[0]
 
 
-def _windows(x: jax.Array) -> jax.Array:
-    """(N, H, W, C) -> (N, H//2, 2, W//2, 2, C), dropping an odd last row/column."""
+def _max_and_position(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Max of each 2x2 window and its position in row-major order, scanning as PyTorch does:
+    a later value wins if it is greater, or NaN."""
     n, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    win = x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    best, position = win[:, :, 0, :, 0], jnp.zeros((n, h // 2, w // 2, c), jnp.int8)
+    for k, (i, j) in enumerate(((0, 1), (1, 0), (1, 1)), start=1):
+        v = win[:, :, i, :, j]
+        take = (v > best) | jnp.isnan(v)
+        best, position = jnp.where(take, v, best), jnp.where(take, jnp.int8(k), position)
+    return best, position
 
 
 def _max_pool_fwd(x):
-    y = max_pool_2x2(x)
-    return y, (x, y)
+    y, position = _max_and_position(x)
+    return y, (position, x.shape)
 
 
 def _max_pool_bwd(residuals, dy):
-    x, y = residuals
-    win = _windows(x)
-    y, dy = y[:, :, None, :, None], dy[:, :, None, :, None]
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(2):
-        cols = []
-        for j in range(2):
-            first = (win[:, :, i:i + 1, :, j:j + 1] == y) & ~taken
-            taken = taken | first
-            cols.append(jnp.where(first, dy, jnp.zeros_like(dy)))
-        rows.append(jnp.concatenate(cols, axis=4))
-    n, h, w, c = x.shape
-    dx = jnp.concatenate(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    position, (n, h, w, c) = residuals
+    zero = jnp.zeros_like(dy)
+    parts = [jnp.where(position == k, dy, zero) for k in range(4)]  # (0,0), (0,1), (1,0), (1,1)
+    dx = jnp.stack(parts, axis=3).reshape(n, h // 2, w // 2, 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    dx = dx.reshape(n, h // 2 * 2, w // 2 * 2, c)
     return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
 
 
