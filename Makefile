@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: setup
 	$(PY) -m pytest -q
 
-# The main job: train on the built-in synthetic dataset (about 3.5 minutes on 2 CPU cores); each run gets
+# The main job: train on the built-in synthetic dataset (about 2.5 minutes on 2 CPU cores); each run gets
 # its own runs/fcn-DATE-TIME folder, so earlier runs are never overwritten.
 train: setup
 	$(VENV)/bin/fcn-jax train --run-dir runs/fcn-$$(date +%Y%m%d-%H%M%S)

@@ -89,6 +89,9 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts), style, label=f"{FRAMEWORK_NAMES[framework]} {size[0]}x{size[1]}")
         ax.set(title="forward (eval)" if kind == "forward" else "training step (SGD)", xlabel="batch size",
                ylabel="images / s", xscale="log", yscale="log")
+        batches = sorted({r["batch_size"] for r in rows})
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -48,7 +48,7 @@ TOLERANCES = {
     "eval": (1e-5, 1e-10),
     "train": (1e-4, 1e-10),  # train-mode BatchNorm divides by batch statistics: more rounding
     "loss": (1e-5, 1e-12),
-    "gradients": (1e-3, 1e-8),
+    "gradients": (2e-2, 1e-8),  # float32: of the model's largest gradient; measured up to 1e-2
     "bn stats": (1e-5, 1e-10),
     "parameters": (1e-5, 1e-12),
 }
