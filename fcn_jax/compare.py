@@ -586,7 +586,7 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
         checks = fidelity_checks(model, twin, images, labels, lr=lr, float64=float64) if fidelity else []
     timings, flops = {}, {}
     if speed:  # at the backend's default precision: what users get
-        bar = _progress_bar(warmup_runs=6 if torch_compile else 4, repeats=repeats, enabled=progress)
+        bar = _ProgressBar(warmup_runs=6 if torch_compile else 4, repeats=repeats, enabled=progress)
         with jax.enable_x64(float64), bar:
             timings, flops = measure_speed(model, twin, images, labels, repeats=repeats, warmup=warmup, lr=lr,
                                            torch_compile=torch_compile, progress=bar.update)
@@ -597,7 +597,7 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
     return CompareResult(config, checks, timings, flops, environment())
 
 
-class _progress_bar(contextlib.AbstractContextManager):
+class _ProgressBar(contextlib.AbstractContextManager):
     def __init__(self, warmup_runs: int, repeats: int, enabled: bool):
         from tqdm.auto import tqdm
 
