@@ -18,7 +18,6 @@ import json
 import time
 from pathlib import Path
 
-import fcn_jax  # noqa: F401  (sets fcn-jax's XLA defaults before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -9,9 +9,8 @@ given) and measures
 - speed: median forward (eval) and training-step (SGD with momentum) times after warm-up, images/s,
   FLOP/s, JAX compile time, peak memory; JAX and PyTorch measured in alternating rounds in one process.
 
-Relative error is ``max |jax - torch| / max |torch|`` over a tensor; for gradients, a parameter whose
-true gradient is zero (a conv bias feeding a train-mode BatchNorm holds only rounding noise) is judged
-against the model's largest gradient instead.
+Relative error is ``max |jax - torch| / scale`` over a tensor, the scale being ``max |torch|`` except
+where :func:`fidelity_checks` says otherwise (gradients and parameters after the step).
 """
 
 from __future__ import annotations
@@ -34,16 +33,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from fcn_jax.convert import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
+from fcn_jax.convert import (infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict,
+                             torch_entries)
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.models import create_model, torch_feature_indices
 from fcn_jax.models.fcn import STRIDE
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import train_step
+from fcn_jax.verify import Difference
 from fcn_jax.weights import load_model
 
 # (float32, float64) bars on max |jax - torch| / scale, scale = max |torch| of the tensor, except for
-# float32 gradients: there the model's largest gradient (see fidelity_checks).
+# gradients and parameters after the step (see fidelity_checks).
 TOLERANCES = {
     "eval": (1e-5, 1e-10),
     "train": (1e-4, 1e-10),  # train-mode BatchNorm divides by batch statistics: more rounding
@@ -52,25 +53,21 @@ TOLERANCES = {
     "bn stats": (1e-5, 1e-10),
     "parameters": (1e-5, 1e-12),
 }
-TRUTH_FACTOR = 4  # measured JAX/PyTorch ratios of float32 error against float64: 0.5..2.5
+# JAX/PyTorch ratios of float32 error against float64 measured 0.5..2.5 on most rows; up to 7 on a
+# VGG16-BN first-conv gradient, which PyTorch's CPU BatchNorm (double accumulation) gets closer.
+TRUTH_FACTOR = 4
 IGNORE_INDEX = 255
 
 
 @dataclasses.dataclass(frozen=True)
-class Check:
-    """One fidelity row: ``section`` (eval, train, step) and ``name`` (x1, logits, loss, ...)."""
+class Check(Difference):
+    """One fidelity row: ``section`` (eval, train, step) and ``name`` (x1, logits, loss, ...);
+    ``max_ref`` is the scale the error is divided by."""
     section: str
-    name: str
-    max_abs: float
-    max_ref: float
     tolerance: float
     worst: str = ""  # the tensor with the largest relative error, for rows over many tensors
     jax_vs_float64: float | None = None  # float32 runs: each framework's relative error against
     torch_vs_float64: float | None = None  # the PyTorch reference run in float64
-
-    @property
-    def relative(self) -> float:
-        return self.max_abs / max(self.max_ref, np.finfo(np.float64).tiny)
 
     @property
     def ok(self) -> bool:
@@ -260,10 +257,10 @@ def jax_results(model, images: np.ndarray, labels: np.ndarray, lr: float) -> dic
     nnx.update(holder, grads)
     grads = to_torch_state_dict(holder)
     state = to_torch_state_dict(model)
-    out["step gradients"] = {k: v for k, v in grads.items() if k in state and "running" not in k
-                             and not k.endswith("num_batches_tracked")}
+    params = [key for key, _, var in torch_entries(model) if isinstance(var, nnx.Param)]
+    out["step gradients"] = {k: grads[k] for k in params}
     out["step bn stats"] = {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}
-    out["step parameters"] = {k: state[k] for k in out["step gradients"]}
+    out["step parameters"] = {k: state[k] for k in params}
     return out
 
 
@@ -320,8 +317,8 @@ def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: 
             vs_truth = {"jax_vs_float64": _max_relative(ours[group], truth[group], scales)[0],
                         "torch_vs_float64": _max_relative(tensors, truth[group], scales)[0]}
         section, name = group.split(" ", 1)
-        checks.append(Check(section, name, max_abs, scale, _tolerance(group, float64),
-                            worst=key if len(tensors) > 1 else "", **vs_truth))
+        checks.append(Check(name=name, max_abs=max_abs, max_ref=scale, section=section,
+                            tolerance=_tolerance(group, float64), worst=key if len(tensors) > 1 else "", **vs_truth))
     return checks
 
 
@@ -339,7 +336,7 @@ class PeakMemory:
     else the process's resident set growth over the block, sampled every millisecond."""
 
     def __init__(self, framework: str):
-        self.framework, self.mib, self._samples = framework, None, []
+        self.framework, self.mib = framework, None
         self.method = "resident set growth" if self._on_host() else "allocator peak"
 
     def _on_host(self) -> bool:

@@ -122,9 +122,9 @@ def _conv_transpose_fwd(x, kernel, stride, padding, dilation, precision):
 
 def _conv_transpose_bwd(stride, padding, dilation, precision, residuals, dy):
     x, kernel = residuals
-    dx = _strided_conv(dy, kernel, stride, padding, dilation, precision, x.shape[1:3])
-    _, kernel_vjp = jax.vjp(lambda k: _strided_conv(dy, k, stride, padding, dilation, precision, x.shape[1:3]),
-                            kernel)
+    # F(dy) is both dx and the primal of F's kernel VJP: one convolution, not two.
+    dx, kernel_vjp = jax.vjp(lambda k: _strided_conv(dy, k, stride, padding, dilation, precision, x.shape[1:3]),
+                             kernel)
     (dkernel,) = kernel_vjp(x)
     return dx, dkernel
 
