@@ -44,11 +44,32 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), window_strides=self.stride,
-            padding=[(p, p) for p in self.padding], rhs_dilation=self.dilation,
-            dimension_numbers=_NHWC, precision=self.precision)
+        kernel = self.kernel[...].astype(self.dtype)
+
+        def conv(inputs):
+            return jax.lax.conv_general_dilated(
+                inputs, kernel, window_strides=self.stride, padding=[(p, p) for p in self.padding],
+                rhs_dilation=self.dilation, dimension_numbers=_NHWC, precision=self.precision)
+
+        x = x.astype(self.dtype)
+        (h, w), (kh, kw) = x.shape[1:3], kernel.shape[:2]
+        if h * w >= kh * kw:
+            y = conv(x)
+        else:
+            # XLA swaps the operands of a convolution whose input has fewer pixels than its kernel (VGG's
+            # block 5 on a 32x64 image is 2x4) and its CPU backend runs that ~50x slower. Zero rows and
+            # columns appended up to the kernel size leave the outputs that are kept unchanged. The
+            # barriers stop XLA from folding the padding back into the convolution, forward and backward.
+            out_hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                      for n, p, d, k, s in zip((h, w), self.padding, self.dilation, (kh, kw), self.stride)]
+            y = conv(jax.lax.optimization_barrier(_zero_extend(x, (max(kh - h, 0), max(kw - w, 0)))))
+            y = jax.lax.optimization_barrier(y)[:, :out_hw[0], :out_hw[1]]
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def _zero_extend(x: jax.Array, extra: tuple[int, int]) -> jax.Array:
+    """``x`` (NHWC) with ``extra`` zero rows and columns appended."""
+    return jnp.pad(x, ((0, 0), (0, extra[0]), (0, extra[1]), (0, 0)))
 
 
 class ConvTranspose2d(nnx.Module):
@@ -110,7 +131,7 @@ def conv_transpose(x, kernel, stride, padding, dilation, precision):
     h, w = x.shape[1:3]
     small = (max(MIN_DECONV_INPUT - h, 0), max(MIN_DECONV_INPUT - w, 0))
     if any(small):
-        x = jnp.pad(x, ((0, 0), (0, small[0]), (0, small[1]), (0, 0)))
+        x = _zero_extend(x, small)
     y = jax.lax.conv_general_dilated(x, flipped, window_strides=(1, 1), padding=padding, lhs_dilation=stride,
                                      rhs_dilation=dilation, dimension_numbers=_NHWC, precision=precision)
     return y[:, :y.shape[1] - small[0] * stride[0], :y.shape[2] - small[1] * stride[1]]

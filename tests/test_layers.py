@@ -31,6 +31,44 @@ def test_conv2d_matches_torch(torch, k, s, p, d):
         assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
 
 
+@pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 2)])
+@pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2)])
+def test_conv2d_small_inputs_match_torch(torch, h, w, k, s, p, d):
+    """Inputs with fewer pixels than the kernel take the zero-extend-then-crop path: values, input,
+    kernel and bias gradients against torch's autograd in float64."""
+    ref = torch.nn.Conv2d(3, 5, k, stride=s, padding=p, dilation=d).double()
+    x = torch.from_numpy(_x((2, 3, h, w)).astype(np.float64)).requires_grad_()
+    y = ref(x)
+    cot = np.random.default_rng(1).standard_normal(tuple(y.shape))
+    (y * torch.from_numpy(cot)).sum().backward()
+    with jax.enable_x64(True):
+        ours = Conv2d(3, 5, k, stride=s, padding=p, dilation=d, dtype=jnp.float64, param_dtype=jnp.float64,
+                      rngs=nnx.Rngs(0))
+        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+        xj = jnp.asarray(nhwc(x.detach().numpy()))
+        out = nnx.jit(lambda layer, xx: layer(xx))(ours, xj)
+        grads, dx = nnx.jit(nnx.grad(lambda layer, xx: jnp.sum(layer(xx) * jnp.asarray(nhwc(cot))),
+                                     argnums=(0, 1)))(ours, xj)
+    assert_close(nchw(out), y.detach().numpy(), 1e-10, "values and shape")
+    assert_close(nchw(dx), x.grad.numpy(), 1e-10, "input gradient")
+    assert_close(np.asarray(grads["kernel"][...]).transpose(3, 2, 0, 1), ref.weight.grad.numpy(), 1e-10, "kernel")
+    assert_close(grads["bias"][...], ref.bias.grad.numpy(), 1e-10, "bias")
+
+
+def test_conv2d_small_inputs_keep_xla_from_swapping_operands():
+    """On a 2x4 input XLA would swap the convolution's operands (a reversed-kernel window) and its CPU
+    backend would run that ~50x slower; the zero-extended input keeps the ordinary convolution, also
+    in the backward pass."""
+    layer = Conv2d(16, 16, 3, padding=1, rngs=nnx.Rngs(0))
+    x = jnp.ones((2, 2, 4, 16))
+    grad = nnx.grad(lambda m, xx: m(xx).sum(), argnums=(0, 1))
+    for fn in (lambda m, xx: m(xx), grad):
+        hlo = nnx.jit(fn).lower(layer, x).compile().as_text()
+        convolutions = [line for line in hlo.splitlines() if " convolution(" in line]
+        assert convolutions and not any("rhs_reversal" in line for line in convolutions), convolutions
+
+
 TRANSPOSE_SETTINGS = [(k, s, p, op, d) for k, s, p, op, d in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2),
                                                                                 (0, 1, 2), (1, 2))
                       if op < max(s, d) and p <= d * (k - 1)]
