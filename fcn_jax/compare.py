@@ -7,7 +7,9 @@ given) and measures
 - fidelity: max abs / max relative error of ``x1..x5`` and the logits in eval and train mode, the loss,
   every gradient, the BatchNorm running statistics and the parameters after one SGD step;
 - speed: median forward (eval) and training-step (SGD with momentum) times after warm-up, images/s,
-  FLOP/s, JAX compile time, peak memory; JAX and PyTorch measured in alternating rounds in one process.
+  FLOP/s, JAX compile time, peak memory, page faults and system CPU time per call (a CPU allocator
+  that returns memory to the OS every step shows up there); JAX and PyTorch measured in alternating
+  rounds in one process.
 
 Relative error is ``max |jax - torch| / scale`` over a tensor, the scale being ``max |torch|`` except
 where :func:`fidelity_checks` says otherwise (gradients and parameters after the step).
@@ -22,6 +24,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import threading
 import time
@@ -57,6 +60,7 @@ TOLERANCES = {
 # VGG16-BN first-conv gradient, which PyTorch's CPU BatchNorm (double accumulation) gets closer.
 TRUTH_FACTOR = 4
 IGNORE_INDEX = 255
+PAGE_FAULT_HINT = 10_000  # per step; FCN8s-VGG16 at 2x224x224 made 126k (JAX) and 90k (PyTorch) here
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +94,10 @@ class Timing:
     forward_peak_mib: float | None = None
     step_peak_mib: float | None = None
     memory_method: str = ""
+    forward_page_faults: float | None = None  # medians per call: minor page faults (process-wide, getrusage)
+    step_page_faults: float | None = None
+    forward_system_ms: float | None = None  # and system (kernel) CPU time
+    step_system_ms: float | None = None
 
 
 @dataclasses.dataclass
@@ -378,10 +386,19 @@ class PeakMemory:
             self.mib = stats.get("peak_bytes_in_use", 0) / 2**20 or None
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+@dataclasses.dataclass
+class _Call:
+    """One timed call: wall time, and the process's minor page faults and system CPU time during it."""
+    ms: float
+    page_faults: int
+    system_ms: float
+
+
+def _timed(fn) -> _Call:
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fn()
-    return (time.perf_counter() - start) * 1e3
+    ms, after = (time.perf_counter() - start) * 1e3, resource.getrusage(resource.RUSAGE_SELF)
+    return _Call(ms, after.ru_minflt - before.ru_minflt, (after.ru_stime - before.ru_stime) * 1e3)
 
 
 def _torch_runs(twin, x, y, lr: float, compile: bool):
@@ -443,7 +460,7 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
             for _ in range(warmup):
                 run()
         if framework == "torch.compile":  # its compilation happens in the first call
-            compile_s[framework, kind] = first / 1e3
+            compile_s[framework, kind] = first.ms / 1e3
         peaks[framework, kind] = probe
         if progress:
             progress()
@@ -454,14 +471,21 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
         if progress:
             progress()
 
+    def median(framework, kind, field):
+        return statistics.median(getattr(call, field) for call in times[framework, kind])
+
     timings = {}
     for framework in dict.fromkeys(f for f, _ in runs):
-        fwd, step = times[framework, "forward"], times[framework, "step"]
+        fwd, step = ([call.ms for call in times[framework, kind]] for kind in ("forward", "step"))
         timings[framework] = Timing(
             forward_ms=statistics.median(fwd), step_ms=statistics.median(step), forward_all_ms=fwd,
             step_all_ms=step, compile_forward_s=compile_s.get((framework, "forward")),
             compile_step_s=compile_s.get((framework, "step")), forward_peak_mib=peaks[framework, "forward"].mib,
-            step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method)
+            step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method,
+            forward_page_faults=median(framework, "forward", "page_faults"),
+            step_page_faults=median(framework, "step", "page_faults"),
+            forward_system_ms=median(framework, "forward", "system_ms"),
+            step_system_ms=median(framework, "step", "system_ms"))
     return timings, flops
 
 
@@ -525,11 +549,17 @@ def format_speed(timings: dict[str, Timing], flops: dict[str, float], batch_size
               row("compile train step (s)", [timings[f].compile_step_s for f in cols], "{:.2f}"),
               row("peak memory fwd (MiB)", [timings[f].forward_peak_mib for f in cols], "{:.0f}"),
               row("peak memory step (MiB)", [timings[f].step_peak_mib for f in cols], "{:.0f}"),
+              row("forward page faults", [timings[f].forward_page_faults for f in cols], "{:.0f}"),
+              row("train step page faults", [timings[f].step_page_faults for f in cols], "{:.0f}"),
+              row("train step system CPU (ms)", [timings[f].step_system_ms for f in cols], "{:.0f}"),
               f"  memory: {timings['jax'].memory_method} (JAX), {timings['torch'].memory_method} (PyTorch); "
               f"FLOPs per batch (XLA): forward {flops.get('forward', 0) / 1e9:.1f} G, "
               f"step {flops.get('step', 0) / 1e9:.1f} G"]
     if "torch.compile" in timings:
         lines.append("  torch.compile's compile time is its first call")
+    if any((t.step_page_faults or 0) > PAGE_FAULT_HINT for t in timings.values()):
+        lines.append("  many page faults per step: the allocator returns memory to the OS and faults it in again; "
+                     "on Linux see the README's 'CPU tip: keep freed memory' (GLIBC_TUNABLES)")
     return lines
 
 

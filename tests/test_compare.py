@@ -34,9 +34,25 @@ def test_compare_reports_fidelity_and_speed(torch, tmp_path, capsys):
     for framework in ("jax", "torch"):
         t = report["timings"][framework]
         assert t["forward_ms"] > 0 and t["step_ms"] > 0 and len(t["step_all_ms"]) == 1
+        assert t["step_page_faults"] >= 0 and t["step_system_ms"] >= 0 and t["forward_page_faults"] >= 0
+    assert "train step page faults" in text and "train step system CPU (ms)" in text
     assert report["timings"]["jax"]["compile_step_s"] > 0 and report["flops"]["step"] > report["flops"]["forward"] > 0
     assert report["jax_over_torch"]["step"] > 0
     assert report["environment"]["torch_threads"] >= 1 and report["environment"]["jax_devices"]
+
+
+def test_speed_table_points_at_the_allocator_when_steps_page_fault():
+    def timing(faults):
+        return compare_module.Timing(forward_ms=10.0, step_ms=30.0, forward_all_ms=[10.0], step_all_ms=[30.0],
+                                     step_page_faults=faults, step_system_ms=5.0)
+
+    flops = {"forward": 1e9, "step": 3e9}
+    quiet = compare_module.format_speed({"jax": timing(100), "torch": timing(200)}, flops, 2, 1)
+    assert not any("GLIBC_TUNABLES" in line for line in quiet)
+    assert any(line.split()[:4] == ["train", "step", "page", "faults"] and line.split()[4:] == ["100", "200"]
+               for line in quiet)
+    noisy = compare_module.format_speed({"jax": timing(126_000), "torch": timing(200)}, flops, 2, 1)
+    assert any("GLIBC_TUNABLES" in line for line in noisy)
 
 
 def test_compare_float64_is_exact_to_1e8(torch):
