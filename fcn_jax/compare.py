@@ -476,10 +476,11 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
 
     timings = {}
     for framework in dict.fromkeys(f for f, _ in runs):
-        fwd, step = ([call.ms for call in times[framework, kind]] for kind in ("forward", "step"))
         timings[framework] = Timing(
-            forward_ms=statistics.median(fwd), step_ms=statistics.median(step), forward_all_ms=fwd,
-            step_all_ms=step, compile_forward_s=compile_s.get((framework, "forward")),
+            forward_ms=median(framework, "forward", "ms"), step_ms=median(framework, "step", "ms"),
+            forward_all_ms=[call.ms for call in times[framework, "forward"]],
+            step_all_ms=[call.ms for call in times[framework, "step"]],
+            compile_forward_s=compile_s.get((framework, "forward")),
             compile_step_s=compile_s.get((framework, "step")), forward_peak_mib=peaks[framework, "forward"].mib,
             step_peak_mib=peaks[framework, "step"].mib, memory_method=peaks[framework, "step"].method,
             forward_page_faults=median(framework, "forward", "page_faults"),

@@ -60,10 +60,9 @@ class Conv2d(nnx.Module):
             # block 5 on a 32x64 image is 2x4) and its CPU backend runs that ~50x slower. Zero rows and
             # columns appended up to the kernel size leave the outputs that are kept unchanged. The
             # barriers stop XLA from folding the padding back into the convolution, forward and backward.
-            out_hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-                      for n, p, d, k, s in zip((h, w), self.padding, self.dilation, (kh, kw), self.stride)]
+            out_h, out_w = jax.eval_shape(conv, x).shape[1:3]
             y = conv(jax.lax.optimization_barrier(_zero_extend(x, (max(kh - h, 0), max(kw - w, 0)))))
-            y = jax.lax.optimization_barrier(y)[:, :out_hw[0], :out_hw[1]]
+            y = jax.lax.optimization_barrier(y)[:, :out_h, :out_w]
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
