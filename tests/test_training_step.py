@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from flax import nnx
 import fcn_jax
 from fcn_jax.training.losses import bce, cross_entropy
 from fcn_jax.training.optim import make_optimizer, make_schedule
-from fcn_jax.training.step import make_mesh, replicate_state, shard_batch, train_step
+from fcn_jax.training.step import jitted_train_step, make_mesh, replicate_state, shard_batch, train_step
 from tests.helpers import jax_twin, nhwc, torch_fcn
 
 
@@ -122,3 +123,23 @@ def test_step_on_a_one_device_mesh_runs_with_sharded_inputs():
     batch = shard_batch({"image": nhwc(x).astype(np.float32), "label": y.astype(np.int32)}, mesh)
     loss = train_step(model, optimizer, batch["image"], batch["label"], cross_entropy)
     assert np.isfinite(float(loss))
+
+
+def _copied_parameters(compiled_hlo: str) -> list[str]:
+    entry = compiled_hlo[compiled_hlo.index("ENTRY"):]
+    parameters = set(re.findall(r"%(\S+) = \S+ parameter\(\d+\)", entry))
+    return [name for name in re.findall(r" copy\(%([^)]+)\)", entry) if name in parameters]
+
+
+def test_cpu_step_writes_new_buffers_instead_of_copying_donated_parameters():
+    # Donated on CPU, XLA copies every parameter before updating it in place (slower than new buffers).
+    model = fcn_jax.create_model("fcn16s", num_classes=5, backbone="vgg11", batch_norm=True)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.01, momentum=0.9), wrt=nnx.Param)
+    x, y = _batch(4, h=32, w=32)
+    images, labels = jnp.asarray(nhwc(x), jnp.float32), jnp.asarray(y)
+    compiled = jitted_train_step().lower(model, optimizer, images, labels, cross_entropy).compile()
+    assert _copied_parameters(compiled.as_text()) == []
+    kernel = model.backbone.convs[0].kernel[...]
+    train_step(model, optimizer, images, labels, cross_entropy)
+    assert not kernel.is_deleted()  # not donated
+    assert not np.array_equal(model.backbone.convs[0].kernel[...], kernel)

@@ -31,7 +31,7 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, data_state: dict, info: dict, metrics: dict | None = None) -> None:
-        """Save (synchronously: the next step donates these buffers). ``metrics`` (with ``mean_iou``)
+        """Save (synchronously: on GPU and TPU the next step donates these buffers). ``metrics`` (with ``mean_iou``)
         marks a checkpoint that competes for "best"."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.state((model, optimizer))),

@@ -52,17 +52,36 @@ def shard_batch(batch: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-@nnx.jit(static_argnames=("loss_fn",), donate_argnames=("model", "optimizer"))
-def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn) -> jax.Array:
-    """One SGD step in train mode: forward, loss, backward, optimizer update and BatchNorm running
-    statistics, all in one compiled program. Returns the loss (before the update)."""
-
+def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn) -> jax.Array:
     def compute_loss(model):
         return loss_fn(model(images), labels)
 
     loss, grads = nnx.value_and_grad(compute_loss, argnums=nnx.DiffState(0, optimizer.wrt))(model)
     optimizer.update(model, grads)
     return loss
+
+
+_train_step_in_place = nnx.jit(_train_step, static_argnames=("loss_fn",), donate_argnames=("model", "optimizer"))
+_train_step_new_buffers = nnx.jit(_train_step, static_argnames=("loss_fn",))
+
+
+def jitted_train_step():
+    """The ``nnx.jit`` function behind :func:`train_step` on the default backend (for ``.lower()``).
+
+    On GPU and TPU it donates the model and optimizer state, so parameters are updated in place. On
+    CPU it does not: XLA's CPU runtime runs independent operations concurrently, cannot prove that every
+    read of a parameter (e.g. the transposed kernel of an input gradient) precedes its in-place update,
+    and so copies every donated parameter first, which costs more than writing new buffers (default
+    training run, FCNs-VGG11-BN on 16 x 64x64: 253 -> 237 ms per step on a 2-core CPU).
+    """
+    return _train_step_new_buffers if jax.default_backend() == "cpu" else _train_step_in_place
+
+
+def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn) -> jax.Array:
+    """One SGD step in train mode: forward, loss, backward, optimizer update and BatchNorm running
+    statistics, all in one compiled program (see :func:`jitted_train_step`). Returns the loss (before
+    the update)."""
+    return jitted_train_step()(model, optimizer, images, labels, loss_fn)
 
 
 @nnx.jit(static_argnames=("num_classes", "ignore_index"))
