@@ -1,7 +1,7 @@
 """JAX vs PyTorch speed over batch sizes and resolutions: forward (eval) and SGD training step.
 
 Prints a table, writes ``sweep.csv``, ``sweep.json`` and ``sweep.png`` to ``--out``. Each configuration
-is measured with :func:`fcn_jax.compare.measure_speed` (alternating rounds, medians after warm-up), so
+is measured with :func:`fcn_jax.pytorch.speed.measure_speed` (alternating rounds, medians after warm-up), so
 the figures are those ``fcn-jax compare`` prints. Achieved FLOP/s (XLA's FLOP count of the program
 divided by the time) is set against the machine's measured fp32 matmul peak (a 4096^3 ``jnp.dot``),
 the best this device does on dense fp32 work.
@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.compare import build_pair, environment, make_batch, measure_speed
 from fcn_jax.models import ARCHS, BACKBONES
+from fcn_jax.pytorch.compare import build_pair, environment, make_batch
+from fcn_jax.pytorch.speed import measure_speed
 from fcn_jax.training.config import parse_size
 
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch", "torch.compile": "torch.compile"}
@@ -80,12 +81,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     sizes = sorted({(r["height"], r["width"]) for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, kind in zip(axes[0], ("forward", "step")):
+    for ax, kind in zip(axes[0], ("forward", "step"), strict=True):
         for framework in dict.fromkeys(r["framework"] for r in rows):
-            for size, style in zip(sizes, ("-o", "--s", ":^", "-.d")):
+            for size, style in zip(sizes, ("-o", "--s", ":^", "-.d"), strict=False):
                 pts = sorted((r["batch_size"], r["images_per_s"]) for r in rows
                              if r["framework"] == framework and r["kind"] == kind and (r["height"], r["width"]) == size)
-                ax.plot(*zip(*pts), style, label=f"{FRAMEWORK_NAMES[framework]} {size[0]}x{size[1]}")
+                ax.plot(*zip(*pts, strict=True), style, label=f"{FRAMEWORK_NAMES[framework]} {size[0]}x{size[1]}")
         ax.set(title="forward (eval)" if kind == "forward" else "training step (SGD)", xlabel="batch size",
                ylabel="images / s", xscale="log", yscale="log")
         batches = sorted({r["batch_size"] for r in rows})

@@ -1,4 +1,8 @@
-"""``fcn-jax <command>``: argument parsing only; the work is done by the library."""
+"""``fcn-jax <command>``: argument parsing only; the work is done by the library.
+
+Errors that mean "your input is wrong" (:class:`fcn_jax.errors.FcnJaxError`) are printed as one line and
+exit with status 2; anything else is a bug and keeps its traceback (status 1).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,12 @@ import argparse
 import logging
 import sys
 
+from fcn_jax import extras
 from fcn_jax.data import DATASETS
 from fcn_jax.errors import FcnJaxError
 from fcn_jax.models import ARCHS, BACKBONES
 from fcn_jax.training.config import add_config_arguments, parse_size
+from fcn_jax.xla_flags import use_fast_cpu_convolutions
 
 
 def _cmd_convert(args) -> int:
@@ -45,7 +51,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from fcn_jax.evaluate import run_evaluate
+    from fcn_jax.evaluation import run_evaluate
 
     run_evaluate(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                  batch_size=args.batch_size, normalization=args.normalization, output=args.output,
@@ -79,14 +85,13 @@ def _cmd_summary(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from fcn_jax.compare import run_compare
-
-    result = run_compare(arch=args.arch, backbone=args.backbone, batch_norm=args.batch_norm,
-                         num_classes=args.num_classes, batch_size=args.batch_size, size=args.size,
-                         weights=args.weights, float64=args.float64, seed=args.seed, lr=args.lr,
-                         repeats=args.repeats, warmup=args.warmup, fidelity=not args.no_fidelity,
-                         speed=not args.no_speed, torch_compile=args.torch_compile, progress=not args.no_progress,
-                         json_path=args.json)
+    compare = extras.pytorch("compare", "fcn-jax compare")
+    result = compare.run_compare(arch=args.arch, backbone=args.backbone, batch_norm=args.batch_norm,
+                                 num_classes=args.num_classes, batch_size=args.batch_size, size=args.size,
+                                 weights=args.weights, float64=args.float64, seed=args.seed, lr=args.lr,
+                                 repeats=args.repeats, warmup=args.warmup, fidelity=not args.no_fidelity,
+                                 speed=not args.no_speed, torch_compile=args.torch_compile,
+                                 progress=not args.no_progress, json_path=args.json)
     if not result.ok:
         print("fcn-jax: error: JAX and PyTorch differ by more than the tolerance (rows marked NO)", file=sys.stderr)
         return 1
@@ -215,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
+    use_fast_cpu_convolutions()  # before anything starts JAX's backend; see fcn_jax/xla_flags.py
     try:
         return args.func(args)
-    except (FcnJaxError, ValueError) as e:
+    except FcnJaxError as e:
         print(f"fcn-jax: error: {e}", file=sys.stderr)
         return 2
 

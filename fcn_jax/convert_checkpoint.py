@@ -5,16 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 
-from fcn_jax.convert import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
-from fcn_jax.errors import FcnJaxError, WeightsError
+from fcn_jax import extras
+from fcn_jax.conversion import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
+from fcn_jax.errors import ConfigError
 from fcn_jax.models import ARCHS, VGGBackbone, create_model
-from fcn_jax.verify import Difference, compare_outputs, torch_twin
 from fcn_jax.weights import load_model, save_weights
 
 log = logging.getLogger("fcn_jax")
@@ -27,30 +25,11 @@ class ConvertResult:
     output: Path
     model: object
     notes: list[str]
-    differences: list[Difference]  # empty unless verified
+    differences: list  # fcn_jax.pytorch.parity.Difference rows; empty unless verified
 
     @property
     def verified_ok(self) -> bool:
         return all(d.relative <= TOLERANCE for d in self.differences)
-
-
-def torchvision_state_dict(name: str) -> dict:
-    """torchvision's ImageNet weights for ``vgg11`` .. ``vgg19_bn`` (from torch hub's cache, or
-    downloaded), with a clear error where the machine cannot reach download.pytorch.org."""
-    if not re.fullmatch(r"vgg(11|13|16|19)(_bn)?", name):
-        raise FcnJaxError(f"--torchvision takes vgg11, vgg13, vgg16, vgg19 or their _bn variants, got {name!r}")
-    try:
-        from torchvision import models
-    except ImportError as e:
-        raise FcnJaxError("--torchvision needs torchvision: pip install 'fcn-jax[torch]'") from e
-    weights = models.get_model_weights(name).DEFAULT
-    try:
-        return weights.get_state_dict(progress=True)
-    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not fetch"
-        raise WeightsError(
-            f"could not download torchvision's {name} weights from {weights.url} ({e}). On a machine with "
-            f"internet run `fcn-jax convert --torchvision {name} --output {name}.safetensors` and copy the "
-            f"file here, or download {weights.url} and pass it with --input") from e
 
 
 def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | None = None,
@@ -68,22 +47,23 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     random batch (eval mode) and records the differences.
     """
     if (input is None) == (torchvision is None):
-        raise FcnJaxError("give exactly one of --input FILE and --torchvision NAME")
+        raise ConfigError("give exactly one of --input FILE and --torchvision NAME")
     output = Path(output)
     if input is not None and Path(input).suffix == ".safetensors" and output.suffix in TORCH_SUFFIXES:
         return _to_torch_file(Path(input), output, verify, verify_size)
     if output.suffix != ".safetensors":
-        raise FcnJaxError(f"--output must end in .safetensors (or .pth for an fcn-jax -> PyTorch conversion), "
+        raise ConfigError(f"--output must end in .safetensors (or .pth for an fcn-jax -> PyTorch conversion), "
                           f"got {output.name!r}")
 
-    sd = read_torch_state_dict(torchvision_state_dict(torchvision) if torchvision else input)
+    hub = extras.pytorch("hub", "--torchvision") if torchvision else None
+    sd = read_torch_state_dict(hub.torchvision_state_dict(torchvision) if hub else input)
     found = infer_config(sd)
     backbone = backbone or found["backbone"]
     if backbone is None:
-        raise FcnJaxError("could not tell the VGG depth from the weights' conv layers; pass --backbone")
+        raise ConfigError("could not tell the VGG depth from the weights' conv layers; pass --backbone")
     batch_norm = found["batch_norm"] if batch_norm is None else batch_norm
     if found["layout"] == "fcn" and arch is None:
-        raise FcnJaxError(f"this is a whole FCN checkpoint: pass --arch ({', '.join(ARCHS)}); the four "
+        raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({', '.join(ARCHS)}); the four "
                           f"decoders have the same layers, so the weights cannot tell which one it is")
     notes = []
     if arch is None:
@@ -92,7 +72,7 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     else:
         num_classes = num_classes or found.get("num_classes")
         if num_classes is None:
-            raise FcnJaxError("pass --num-classes: the weights are a bare VGG backbone, the decoder is new")
+            raise ConfigError("pass --num-classes: the weights are a bare VGG backbone, the decoder is new")
         model = create_model(arch, num_classes=num_classes, backbone=backbone, batch_norm=batch_norm, seed=seed)
         target = model.backbone if found["layout"] == "vgg" else model
         if found["layout"] == "vgg":
@@ -100,34 +80,17 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
             log.info(notes[-1])
     notes += load_torch_state_dict(target, sd).notes
     save_weights(model, output)
-    differences = _verify(model, sd, found["layout"], verify_size, seed) if verify else []
+    differences = _verify(model, sd, found["layout"] == "vgg", verify_size, seed) if verify else []
     return ConvertResult(output, model, notes, differences)
 
 
 def _to_torch_file(src: Path, output: Path, verify: bool, verify_size) -> ConvertResult:
-    import torch
-
     model = load_model(src)
-    sd = to_torch_state_dict(model, as_torch=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(sd, tmp)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    differences = _verify(model, sd, None, verify_size, 0) if verify else []
+    sd = to_torch_state_dict(model)
+    extras.pytorch("io", f"writing {output.name}").save_file(sd, output)
+    differences = _verify(model, sd, False, verify_size, 0) if verify else []
     return ConvertResult(output, model, [], differences)
 
 
-def _verify(model, original_sd: dict, layout: str | None, size: tuple[int, int], seed: int) -> list[Difference]:
-    """Eval-mode differences between ``model`` and the torch reference holding the original weights
-    (and, for an FCN built on a bare VGG, our fresh decoder)."""
-    import torch
-
-    ref_sd = to_torch_state_dict(model, as_torch=True)
-    prefix = "pretrained_net." if layout == "vgg" and not isinstance(model, VGGBackbone) else ""
-    for k, v in original_sd.items():
-        if prefix + k in ref_sd:
-            ref_sd[prefix + k] = torch.as_tensor(np.asarray(v))
-    images = np.random.default_rng(seed).standard_normal((2, 3, *size), dtype=np.float32)
-    return compare_outputs(model, torch_twin(model, ref_sd), images)
+def _verify(model, original_sd: dict, bare_vgg: bool, size: tuple[int, int], seed: int) -> list:
+    return extras.pytorch("parity", "--verify").verify_conversion(model, original_sd, bare_vgg, size, seed)

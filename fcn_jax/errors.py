@@ -1,4 +1,9 @@
-"""Errors that fcn-jax raises for bad input; the CLI prints their message as a one-line reason."""
+"""The errors fcn-jax raises for bad input: each means "your input is wrong" and says what to do.
+
+``fcn-jax`` prints exactly these as one line and exits with status 2; any other exception is a bug in
+fcn-jax (or in a library under it) and keeps its traceback (status 1). Python callers can catch
+:class:`FcnJaxError` for all of them; it derives from ``ValueError``.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,35 @@ _SHOWN = 20  # keys listed per category before "... and N more"
 
 
 class FcnJaxError(ValueError):
-    """Bad user input (a file, a weights layout, a config); the message says what to do."""
+    """Bad user input (a file, a weights layout, a dataset, an option); the message says what to do."""
+
+
+class ConfigError(FcnJaxError):
+    """An option, argument or configuration that is unknown, out of range or inconsistent."""
+
+
+class MissingExtraError(FcnJaxError):
+    """A feature that needs an optional dependency (an extra such as ``fcn-jax[torch]``) that is not installed."""
 
 
 class WeightsError(FcnJaxError):
     """Weights that cannot be read or do not fit the model."""
+
+
+class DatasetError(FcnJaxError):
+    """A dataset file, folder or label that cannot be used as it is."""
+
+
+class InputError(FcnJaxError):
+    """Arrays handed to a model or to ``predict`` with the wrong shape, dtype or size."""
+
+
+class RunError(FcnJaxError):
+    """A training run's folder that cannot be started or resumed as asked."""
+
+
+class TrainingDiverged(FcnJaxError):
+    """The loss or the parameters became NaN or infinite."""
 
 
 def key_problems_message(target: str, missing: Sequence[tuple[str, tuple]],

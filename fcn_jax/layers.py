@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.errors import ConfigError, InputError
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
+DEFAULT_KERNEL_INIT = nnx.initializers.kaiming_normal()
 MIN_DECONV_INPUT = 3  # see conv_transpose
 
 
@@ -35,7 +38,7 @@ class Conv2d(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, dilation: int = 1, use_bias: bool = True,
-                 kernel_init=nnx.initializers.kaiming_normal(), dtype=jnp.float32,
+                 kernel_init=DEFAULT_KERNEL_INIT, dtype=jnp.float32,
                  param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         kh, kw = _pair(kernel_size)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
@@ -82,17 +85,17 @@ class ConvTranspose2d(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
                  padding: int = 0, output_padding: int = 0, dilation: int = 1, use_bias: bool = True,
-                 kernel_init=nnx.initializers.kaiming_normal(), dtype=jnp.float32,
+                 kernel_init=DEFAULT_KERNEL_INIT, dtype=jnp.float32,
                  param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         kh, kw = _pair(kernel_size)
         self.stride, self.dilation = _pair(stride), _pair(dilation)
         padding, output_padding = _pair(padding), _pair(output_padding)
-        if any(op >= max(s, d) for op, s, d in zip(output_padding, self.stride, self.dilation)):
-            raise ValueError(f"output_padding {output_padding} must be smaller than stride "
+        if any(op >= max(s, d) for op, s, d in zip(output_padding, self.stride, self.dilation, strict=True)):
+            raise ConfigError(f"output_padding {output_padding} must be smaller than stride "
                              f"{self.stride} or dilation {self.dilation}, as in PyTorch")
         self.padding = tuple(
             (d * (k - 1) - p, d * (k - 1) - p + op)
-            for k, p, op, d in zip((kh, kw), padding, output_padding, self.dilation))
+            for k, p, op, d in zip((kh, kw), padding, output_padding, self.dilation, strict=True))
         self.dtype, self.precision = dtype, precision
         self.kernel = nnx.Param(kernel_init(rngs.params(), (kh, kw, out_features, in_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
@@ -108,7 +111,7 @@ def _strided_conv(g, kernel, stride, padding, dilation, precision, out_hw):
     transposed conv's output space back to its input space (of spatial size ``out_hw``), with the
     stored (kh, kw, out, in) kernel read as HWIO. ``padding`` is the transposed conv's ((lo, hi), ...)."""
     k_eff = [d * (kernel.shape[i] - 1) for i, d in enumerate(dilation)]
-    pads = [(k - lo, k - lo) for k, (lo, _) in zip(k_eff, padding)]  # the forward conv's symmetric p
+    pads = [(k - lo, k - lo) for k, (lo, _) in zip(k_eff, padding, strict=True)]  # the forward conv's symmetric p
     y = jax.lax.conv_general_dilated(g, kernel, window_strides=stride, padding=pads, rhs_dilation=dilation,
                                      dimension_numbers=_NHWC, precision=precision)
     return y[:, :out_hw[0], :out_hw[1]]  # output_padding >= stride leaves windows past the input
@@ -184,7 +187,7 @@ class BatchNorm2d(nnx.Module):
         else:
             n = x.size // x.shape[-1]
             if n < 2:
-                raise ValueError(f"BatchNorm2d in train mode needs more than 1 value per channel, got "
+                raise InputError(f"BatchNorm2d in train mode needs more than 1 value per channel, got "
                                  f"input shape {x.shape}; use a larger batch or model.eval()")
             xs = x.astype(stats_dtype)
             mean = xs.mean(axis=(0, 1, 2))

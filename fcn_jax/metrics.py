@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_matrix(logits_or_pred: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
+def confusion_matrix(logits_or_pred: jax.Array, labels: jax.Array, num_classes: int,
+                     ignore_index: int = 255) -> jax.Array:
     """``(C, C)`` int32 counts for one batch; ``logits_or_pred`` is ``(..., C)`` logits or ``(...)`` class ids."""
     pred = jnp.argmax(logits_or_pred, -1) if logits_or_pred.ndim == labels.ndim + 1 else logits_or_pred
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
@@ -46,5 +47,14 @@ def segmentation_metrics(conf: np.ndarray, class_names=None) -> dict:
             "fw_iou": float((t[defined] * iou[defined]).sum() / total) if total else float("nan"),
         }
     names = class_names or [str(i) for i in range(len(n))]
-    metrics["per_class_iou"] = {name: float(v) for name, v in zip(names, iou)}
+    metrics["per_class_iou"] = {name: float(v) for name, v in zip(names, iou, strict=True)}
     return metrics
+
+
+def metrics_table(metrics: dict) -> str:
+    """The four FCN metrics and the per-class IoU as a text table."""
+    lines = [f"{'pixel accuracy':<22}{metrics['pixel_acc']:8.4f}", f"{'mean accuracy':<22}{metrics['mean_acc']:8.4f}",
+             f"{'mean IoU':<22}{metrics['mean_iou']:8.4f}", f"{'frequency weighted IoU':<22}{metrics['fw_iou']:8.4f}",
+             "", f"{'class':<22}{'IoU':>8}"]
+    lines += [f"{name:<22}{iou:8.4f}" for name, iou in metrics["per_class_iou"].items()]
+    return "\n".join(lines)

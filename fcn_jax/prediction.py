@@ -14,14 +14,15 @@ from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fcn_jax.data.files import DatasetError, read_image
+from fcn_jax.data.files import read_image
 from fcn_jax.data.folder import IMAGE_SUFFIXES
 from fcn_jax.data.pipeline import EvalBatches
-from fcn_jax.data.voc import voc_palette
-from fcn_jax.errors import FcnJaxError
-from fcn_jax.training.reporting import blend, colorize, picture
-from fcn_jax.training.step import device_batch_size, make_mesh, replicate_state, shard_batch
-from fcn_jax.weights import read_weights_config
+from fcn_jax.drawing import blend, colorize, picture, voc_palette
+from fcn_jax.errors import ConfigError, DatasetError, InputError
+from fcn_jax.modes import in_mode
+from fcn_jax.runs import resolve_weights
+from fcn_jax.sharding import device_batch_size, make_mesh, replicate_state, shard_batch
+from fcn_jax.weights import load_model, read_weights_config
 
 
 class _Images:
@@ -51,27 +52,28 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
             progress: bool = False) -> list[np.ndarray]:
     """Class-index masks ``(H, W)`` uint8 (or float32 logits ``(H, W, C)`` with ``logits=True``) for
     ``images``: one uint8 RGB ``(H, W, 3)`` array or a sequence of them, of any sizes. Batched by size
-    bucket over all local devices; the model is put in eval mode."""
+    bucket over all local devices, in eval mode; the model's state is replicated over the devices and its
+    mode left as it was."""
     if jax.process_count() > 1:
-        raise FcnJaxError("predict runs on one host; use evaluate for multi-host runs")
+        raise ConfigError("predict runs on one host; use evaluate for multi-host runs")
     single = isinstance(images, np.ndarray) and images.ndim == 3
     images = [images] if single else list(images)
     for i, im in enumerate(images):
         if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-            raise FcnJaxError(f"image {i}: expected uint8 RGB (H, W, 3), got {im.dtype} {im.shape}")
+            raise InputError(f"image {i}: expected uint8 RGB (H, W, 3), got {im.dtype} {im.shape}")
     batch_size = device_batch_size(batch_size)
     mesh = make_mesh()
     replicate_state(model, mesh)
-    model.eval()
     out: list[np.ndarray | None] = [None] * len(images)
     batches = EvalBatches(_Images(images), batch_size, normalization=normalization)
-    for batch in tqdm(batches, unit="batch", desc="predict", disable=not progress):
-        result = _logits(model, shard_batch({"image": batch["image"]}, mesh)["image"])
-        result = np.asarray(result if logits else jnp.argmax(result, -1).astype(jnp.uint8))
-        for row, i in enumerate(batch["index"]):
-            if i >= 0:
-                h, w = images[i].shape[:2]
-                out[i] = result[row, :h, :w]
+    with in_mode(model, train=False):
+        for batch in tqdm(batches, unit="batch", desc="predict", disable=not progress):
+            result = _logits(model, shard_batch({"image": batch["image"]}, mesh)["image"])
+            result = np.asarray(result if logits else jnp.argmax(result, -1).astype(jnp.uint8))
+            for row, i in enumerate(batch["index"]):
+                if i >= 0:
+                    h, w = images[i].shape[:2]
+                    out[i] = result[row, :h, :w]
     return out[0] if single else out
 
 
@@ -82,16 +84,16 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
         if any(c in item for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             if not matches:
-                raise FcnJaxError(f"{item}: no file matches")
+                raise ConfigError(f"{item}: no file matches")
             paths += [p for p in matches if p.is_file()]
         elif Path(item).is_dir():
             paths += sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         elif Path(item).is_file():
             paths.append(Path(item))
         else:
-            raise FcnJaxError(f"{item}: no such file or folder")
+            raise ConfigError(f"{item}: no such file or folder")
     if not paths:
-        raise FcnJaxError(f"no images found in {', '.join(inputs)}")
+        raise ConfigError(f"no images found in {', '.join(inputs)}")
     return paths
 
 
@@ -100,12 +102,9 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
                 skip_bad: bool = False, progress: bool = True) -> list[Path]:
     """Predict every input image; writes ``OUTPUT/NAME_mask.png`` (colours of the weights' dataset)
     and optionally ``NAME_overlay.png`` (with a legend), ``NAME_index.png`` and ``NAME_logits.npy``."""
-    from fcn_jax.evaluate import resolve_weights
-    from fcn_jax.weights import load_model
-
-    path, config = resolve_weights(weights)
-    if config is not None:
-        normalization = config.normalization
+    path, run = resolve_weights(weights)
+    if run is not None:
+        normalization = run.get("normalization", normalization)
     meta = read_weights_config(path)  # header only; load_model reads the tensors
     model = load_model(path)
     names = meta.get("class_names") or [f"class {i}" for i in range(model.num_classes)]
@@ -123,7 +122,7 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
                       progress=progress)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    for p, image, result in zip(kept, images, results):
+    for p, image, result in zip(kept, images, results, strict=True):
         pred = result.argmax(-1).astype(np.uint8) if save_logits else result
         Image.fromarray(colorize(pred, palette)).save(out / f"{p.stem}_mask.png")
         if overlay:

@@ -6,7 +6,7 @@ import re
 
 from flax import nnx
 
-from fcn_jax.convert import describe
+from fcn_jax.conversion import describe
 
 
 def _part(name: str) -> str:
@@ -26,7 +26,7 @@ def summary(model) -> str:
     lines = [describe(model), f"{'parameter':<{width}}{'shape':<22}{'count':>12}"]
     parts: dict[str, int] = {}
     for name, var in params:
-        lines.append(f"{name:<{width}}{str(tuple(var.shape)):<22}{var.size:>12,}")
+        lines.append(f"{name:<{width}}{tuple(var.shape)!s:<22}{var.size:>12,}")
         parts[_part(name)] = parts.get(_part(name), 0) + var.size
     total = sum(parts.values())
     nbytes = sum(v.size * v.dtype.itemsize for _, v in params)

@@ -12,14 +12,14 @@ import json
 import os
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcn_jax.convert import describe
+from fcn_jax.conversion import describe
 from fcn_jax.errors import WeightsError, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, create_model
+from fcn_jax.sharding import host_array
 
 FORMAT = "fcn-jax/1"
 
@@ -37,14 +37,6 @@ def model_config(model: FCN | VGGBackbone) -> dict:
 def flat_variables(model) -> dict[str, nnx.Variable]:
     """``{"backbone.convs.0.kernel": variable, ...}``: every parameter and BatchNorm statistic."""
     return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
-
-
-def host_array(x) -> np.ndarray:
-    """A replicated (or single-device) array as numpy; on multi-host runs a replicated array is not
-    fully addressable, but each process holds a complete copy."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
 
 
 def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None) -> Path:
@@ -80,7 +72,7 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
     try:
         with safe_open(str(path), "numpy") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118
     except SafetensorError as e:
         raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or not a "
                            f"safetensors file: save or convert it again") from e
@@ -136,7 +128,7 @@ def _copy_into(model, config: dict, tensors: dict, path) -> None:
                  and config[key] != mine[key]]
         raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped, hints))
     for k, var in want.items():
-        var[...] = tensors[k].astype(var[...].dtype)
+        var.set_value(jnp.asarray(tensors[k], dtype=var.dtype))
 
 
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -146,11 +138,15 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
     Returns it in eval mode, ready for inference; call ``model.train()`` to fine-tune."""
     config, tensors = read_weights(path)
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, precision=precision)
-    if config["model"] == "vgg":
-        model = VGGBackbone(config["backbone"], batch_norm=config["batch_norm"], rngs=nnx.Rngs(0), **kwargs)
-    else:
-        model = create_model(config["arch"], num_classes=config["num_classes"], backbone=config["backbone"],
-                             batch_norm=config["batch_norm"], **kwargs)
+
+    def architecture():
+        if config["model"] == "vgg":
+            return VGGBackbone(config["backbone"], batch_norm=config["batch_norm"], rngs=nnx.Rngs(0), **kwargs)
+        return create_model(config["arch"], num_classes=config["num_classes"], backbone=config["backbone"],
+                            batch_norm=config["batch_norm"], **kwargs)
+
+    # Shapes only (no random initialisation, which for VGG16 takes seconds); every variable comes from the file.
+    model = nnx.eval_shape(architecture)
     _copy_into(model, config, tensors, path)
     model.eval()
     return model

@@ -1,6 +1,14 @@
-"""Fixtures shared by the tests."""
+"""Fixtures shared by the tests.
+
+The tests run with the XLA flags the ``fcn-jax`` command sets (see fcn_jax/xla_flags.py); this file is
+imported before any test starts JAX's backend, so the call here takes effect.
+"""
 
 import pytest
+
+import fcn_jax
+
+fcn_jax.use_fast_cpu_convolutions()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 
 import fcn_jax
 from fcn_jax.cli import main
-from tests.helpers import torch_fcn
+from fcn_jax.pytorch.parity import random_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def fcn_pth(torch, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "fcn16s.pth"
-    torch.save(torch_fcn("fcn16s", 6, "vgg11", True, seed=8).state_dict(), path)
+    torch.save(random_reference("fcn16s", 6, "vgg11", True, seed=8).state_dict(), path)
     return path
 
 
@@ -94,10 +94,9 @@ def test_torchvision_weights_build_an_fcn_around_the_backbone(monkeypatch, tmp_p
 
 
 def test_verify_failure_exits_1(fcn_pth, tmp_path, monkeypatch, capsys):
-    import fcn_jax.convert_checkpoint as cc
-    from fcn_jax.verify import Difference
+    from fcn_jax.pytorch import parity
 
-    monkeypatch.setattr(cc, "compare_outputs", lambda *a, **k: [Difference("logits", 1.0, 2.0)])
+    monkeypatch.setattr(parity, "compare_outputs", lambda *a, **k: [parity.Difference("logits", 1.0, 2.0)])
     rc = main(["convert", "--input", str(fcn_pth), "--arch", "fcn16s", "--output", str(tmp_path / "x.safetensors"),
                "--verify"])
     assert rc == 1 and "verification failed" in capsys.readouterr().err

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import fcn_jax
-from fcn_jax import compare as compare_module
 from fcn_jax.cli import main
-from tests.helpers import torch_fcn
+from fcn_jax.pytorch import compare as compare_module
+from fcn_jax.pytorch import parity, speed
+from fcn_jax.pytorch.parity import random_reference
 
 TINY = ["--arch", "fcn16s", "--backbone", "vgg11", "--batch-norm", "--num-classes", "3", "--size", "32x64",
         "--repeats", "1", "--warmup", "0", "--no-progress"]
@@ -43,18 +44,19 @@ def test_compare_reports_fidelity_and_speed(torch, tmp_path, capsys):
 
 def test_speed_table_points_at_the_allocator_when_steps_page_fault():
     def timing(faults):
-        return compare_module.Timing(forward_ms=10.0, step_ms=30.0, forward_all_ms=[10.0], step_all_ms=[30.0],
+        return speed.Timing(forward_ms=10.0, step_ms=30.0, forward_all_ms=[10.0], step_all_ms=[30.0],
                                      step_page_faults=faults, step_system_ms=5.0)
 
     flops = {"forward": 1e9, "step": 3e9}
-    quiet = compare_module.format_speed({"jax": timing(100), "torch": timing(200)}, flops, 2, 1)
+    quiet = speed.format_speed({"jax": timing(100), "torch": timing(200)}, flops, 2, 1)
     assert not any("GLIBC_TUNABLES" in line for line in quiet)
     assert any(line.split()[:4] == ["train", "step", "page", "faults"] and line.split()[4:] == ["100", "200"]
                for line in quiet)
-    noisy = compare_module.format_speed({"jax": timing(126_000), "torch": timing(200)}, flops, 2, 1)
+    noisy = speed.format_speed({"jax": timing(126_000), "torch": timing(200)}, flops, 2, 1)
     assert any("GLIBC_TUNABLES" in line for line in noisy)
 
 
+@pytest.mark.slow
 def test_compare_float64_is_exact_to_1e8(torch):
     result = compare_module.compare(arch="fcns", backbone="vgg11", batch_norm=True, num_classes=3, size=(32, 32),
                                     float64=True, speed=False, progress=False)
@@ -66,7 +68,7 @@ def test_compare_float64_is_exact_to_1e8(torch):
 def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
     """An error of 5% of the largest gradient in one tensor (a wrong layout or BN formula gives
     far more; the max-pool bug found by this tool gave 60%) exits 1."""
-    real = compare_module.jax_results
+    real = parity.jax_results
 
     def off_by_a_little(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -74,7 +76,7 @@ def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
         grads["deconv3.weight"] = grads["deconv3.weight"] + 5e-2 * max(np.abs(g).max() for g in grads.values())
         return out
 
-    monkeypatch.setattr(compare_module, "jax_results", off_by_a_little)
+    monkeypatch.setattr(parity, "jax_results", off_by_a_little)
     assert main(["compare", *TINY, "--no-speed"]) == 1
     captured = capsys.readouterr()
     assert "OVER TOLERANCE: step gradients" in captured.out and "(worst: deconv3.weight)" in captured.out
@@ -82,10 +84,10 @@ def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
 
 
 def test_compare_loads_weights_files(torch, tmp_path):
-    tm = torch_fcn("fcn8s", 4, "vgg11", False, seed=3)
+    tm = random_reference("fcn8s", 4, "vgg11", False, seed=3)
     pth = tmp_path / "ref.pth"
     torch.save(tm.state_dict(), pth)
-    model, twin, name = compare_module.build_pair("fcn8s", weights=pth)
+    model, _, name = compare_module.build_pair("fcn8s", weights=pth)
     assert (model.num_classes, model.backbone.name, model.backbone.batch_norm) == (4, "vgg11", False)
     assert "ref.pth" in name
     np.testing.assert_array_equal(fcn_jax.to_torch_state_dict(model)["classifier.weight"],
@@ -94,7 +96,8 @@ def test_compare_loads_weights_files(torch, tmp_path):
     fcn_jax.save_weights(model, st)
     model2, twin2, _ = compare_module.build_pair("fcn32s", weights=st)  # the file's own arch wins
     assert model2.arch == "fcn8s" and type(twin2).__name__ == "FCN8s"
-    np.testing.assert_array_equal(twin2.state_dict()["deconv1.weight"].numpy(), tm.state_dict()["deconv1.weight"].numpy())
+    np.testing.assert_array_equal(twin2.state_dict()["deconv1.weight"].numpy(),
+                                  tm.state_dict()["deconv1.weight"].numpy())
 
 
 @pytest.mark.parametrize("args,message", [

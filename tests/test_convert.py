@@ -8,13 +8,13 @@ from flax import nnx
 
 import fcn_jax
 from fcn_jax import WeightsError
-from tests.helpers import torch_fcn
+from fcn_jax.pytorch.parity import random_reference
 
 
 @pytest.fixture(scope="module")
 def ref(torch):
     """A vgg11_bn FCN8s reference with 5 classes and randomised BatchNorm."""
-    return torch_fcn("fcn8s", 5, "vgg11", True, seed=7)
+    return random_reference("fcn8s", 5, "vgg11", True, seed=7)
 
 
 def _model(**kw):
@@ -41,7 +41,7 @@ def test_torch_to_flax_to_torch_is_bit_exact(ref):
 
 
 def test_flax_to_torch_to_flax_is_bit_exact_and_torch_accepts_it_strictly(torch):
-    from fcn_jax.reference import build_torch_model
+    from fcn_jax.pytorch.reference import build_torch_model
 
     model = _model(seed=3)
     model(np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32))  # move BN stats
@@ -49,7 +49,7 @@ def test_flax_to_torch_to_flax_is_bit_exact_and_torch_accepts_it_strictly(torch)
     twin.load_state_dict(fcn_jax.to_torch_state_dict(model, as_torch=True), strict=True)
     again = _model(seed=4)
     fcn_jax.load_torch_state_dict(again, twin)  # from an nn.Module
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again)), strict=True):
         np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
 
 
@@ -112,7 +112,7 @@ def test_common_mistakes_get_a_hint(ref, model_kw, hint):
 
 
 def test_plain_state_dict_into_batchnorm_model_gets_a_hint(torch):
-    msg = _load_error(_model(), torch_fcn("fcn8s", 5, "vgg11", False).state_dict())
+    msg = _load_error(_model(), random_reference("fcn8s", 5, "vgg11", False).state_dict())
     assert "no BatchNorm layers in its backbone (a plain vgg model): build the model with batch_norm=False" in msg
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from fcn_jax.data import Augment, Loader, SyntheticShapes, get_dataset, normalize
 from fcn_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from fcn_jax.errors import ConfigError, DatasetError
 
 
 def _ds(n=40, size=32):
@@ -33,9 +34,9 @@ def test_synthetic_is_deterministic_and_has_every_class():
 def test_loader_order_depends_only_on_seed_and_epoch():
     first = [b["label"] for b in Loader(_ds(), 8, seed=1, workers=1)]
     again = [b["label"] for b in Loader(_ds(), 8, seed=1, workers=2)]
-    assert all(np.array_equal(x, y) for x, y in zip(first, again)) and len(first) == 5
+    assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True)) and len(first) == 5
     other_seed = [b["label"] for b in Loader(_ds(), 8, seed=2)]
-    assert not all(np.array_equal(x, y) for x, y in zip(first, other_seed))
+    assert not all(np.array_equal(x, y) for x, y in zip(first, other_seed, strict=True))
 
 
 def test_resumed_loader_continues_exactly():
@@ -48,7 +49,7 @@ def test_resumed_loader_continues_exactly():
     resumed = Loader(_ds(), 8, seed=1, augment=Augment(crop=(24, 24), scale=(0.8, 1.3)))
     resumed.restore(state)
     got += [b["image"] for b in resumed] + [b["image"] for b in resumed]
-    assert len(got) == len(want) and all(np.array_equal(x, y) for x, y in zip(got, want))
+    assert len(got) == len(want) and all(np.array_equal(x, y) for x, y in zip(got, want, strict=True))
 
 
 def test_processes_share_each_global_batch():
@@ -56,7 +57,7 @@ def test_processes_share_each_global_batch():
     parts = [[b["label"] for b in Loader(_ds(), 8, seed=4, process_index=p, process_count=4)] for p in range(4)]
     for i, batch in enumerate(whole):
         np.testing.assert_array_equal(np.concatenate([parts[p][i] for p in range(4)]), batch)
-    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+    with pytest.raises(ConfigError, match="does not divide over 3 processes"):
         Loader(_ds(), 8, process_count=3)
 
 
@@ -81,7 +82,7 @@ def test_normalisations():
                                (np.array([1, 128 / 255, 0]) - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-6)
     np.testing.assert_allclose(normalize(pixel, "reference")[0, 0],
                                np.array([0, 128 / 255, 1]) - np.array([103.939, 116.779, 123.68]) / 255, rtol=1e-6)
-    with pytest.raises(ValueError, match="unknown normalisation"):
+    with pytest.raises(ConfigError, match="unknown normalisation"):
         normalize(pixel, "caffe")
 
 
@@ -92,11 +93,12 @@ def test_label_out_of_range_is_a_clear_error():
             label[0, 0] = 9
             return image, label
 
-    with pytest.raises(ValueError, match=r"label values \[9\] are outside \[0, 5\) and not the ignore label 255"):
+    with pytest.raises(DatasetError, match=r"label values \[9\] are outside \[0, 5\) and not the ignore label 255"):
         next(iter(Loader(Bad("train", num_samples=8, size=(16, 16)), 4)))
 
 
 def test_unknown_dataset_says_what_is_available():
-    with pytest.raises(ValueError, match="unknown dataset 'imagenet'; choose one of synthetic, voc, camvid, camvid11, "
+    with pytest.raises(DatasetError,
+                       match="unknown dataset 'imagenet'; choose one of synthetic, voc, camvid, camvid11, "
                                          "cityscapes, folder"):
         get_dataset("imagenet", "train")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fcn_jax.data import DatasetError, get_dataset
+from fcn_jax.data import get_dataset
 from fcn_jax.data.cityscapes import LABEL_TO_TRAIN
 from fcn_jax.data.pipeline import EvalBatches, normalize
-from fcn_jax.data.voc import voc_palette
+from fcn_jax.drawing import voc_palette
+from fcn_jax.errors import DatasetError
 
 
 def _jpg(path: Path, h=20, w=30, seed=0):

@@ -18,10 +18,19 @@ from flax import nnx
 import fcn_jax
 from fcn_jax.models import torch_feature_indices
 from fcn_jax.models.fcn import FCN
-from tests.helpers import assert_close, jax_twin, nchw, nhwc, torch_fcn
+from fcn_jax.pytorch.parity import jax_twin, random_reference
+from tests.helpers import assert_close, nchw, nhwc
 
 MODELS = list(itertools.product(fcn_jax.ARCHS, fcn_jax.BACKBONES, (False, True)))
-ids = [f"{a}-{b}{'_bn' if bn else ''}" for a, b, bn in MODELS]
+
+
+def matrix(fast: tuple):
+    """Every arch x backbone x BatchNorm, all but ``fast`` marked slow (``make test-fast`` runs that one)."""
+    return [pytest.param(*m, id=f"{m[0]}-{m[1]}{'_bn' if m[2] else ''}", marks=() if m == fast else pytest.mark.slow)
+            for m in MODELS]
+
+
+
 EVAL_RTOL, TRAIN_RTOL, STATS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-8
 
 
@@ -36,10 +45,10 @@ def _bn_stats(torch_model, model: FCN):
             if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
 
 
-@pytest.mark.parametrize("arch,backbone,batch_norm", MODELS, ids=ids)
+@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=("fcn8s", "vgg11", True)))
 def test_matches_reference_eval_and_train(torch, arch, backbone, batch_norm):
-    tm = torch_fcn(arch, 5, backbone, batch_norm, seed=1)
-    m = jax_twin(tm, arch, 5, backbone, batch_norm)
+    tm = random_reference(arch, 5, backbone, batch_norm, seed=1)
+    m = jax_twin(tm, arch)
     x = _batch((2, 3, 64, 96))
     xt, xj = torch.from_numpy(x), jnp.asarray(nhwc(x))
 
@@ -72,22 +81,24 @@ def _softmax_ce(logits, labels, ignore=255):
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
 
 
-@pytest.mark.parametrize("arch,backbone,batch_norm", MODELS, ids=ids)
+@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=("fcns", "vgg11", True)))
 def test_gradients_match_reference_float64(torch, arch, backbone, batch_norm):
     """Train-mode gradients of a pixel-wise softmax cross-entropy (ignore label 255), float64."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 3, 32, 64))
     y = rng.integers(0, 5, (2, 32, 64))
     y[:, :4, :8] = 255
-    tm = torch_fcn(arch, 5, backbone, batch_norm, seed=3, double=True).train()
+    tm = random_reference(arch, 5, backbone, batch_norm, seed=3, double=True).train()
     loss = torch.nn.functional.cross_entropy(tm(torch.from_numpy(x)), torch.from_numpy(y), ignore_index=255)
     loss.backward()
     ref = {k: p.grad.numpy() for k, p in tm.named_parameters()}
 
     with jax.enable_x64(True):
-        m = jax_twin(tm, arch, 5, backbone, batch_norm, dtype=jnp.float64)
+        m = jax_twin(tm, arch, dtype=jnp.float64)
         m.train()
-        ours_loss, grads = nnx.value_and_grad(lambda m: _softmax_ce(m(jnp.asarray(nhwc(x))), jnp.asarray(y)))(m)
+        # One compiled program: run eagerly, float64 compiles every small operation on its own (~20 s here).
+        loss_and_grads = nnx.jit(nnx.value_and_grad(lambda m: _softmax_ce(m(jnp.asarray(nhwc(x))), jnp.asarray(y))))
+        ours_loss, grads = loss_and_grads(m)
         holder = nnx.clone(m)  # the converter lays the gradients out as torch's parameters
         nnx.update(holder, grads)
         ours = fcn_jax.to_torch_state_dict(holder)
@@ -106,8 +117,8 @@ def test_gradients_match_reference_float64(torch, arch, backbone, batch_norm):
 def test_any_input_size_equals_reference_on_padded_input(torch):
     """Sizes that are not multiples of 32 crash the reference; ours pads bottom/right with zeros to
     the next multiple of 32 and crops the logits back."""
-    tm = torch_fcn("fcn8s", 4, "vgg11", True, seed=4).eval()
-    m = jax_twin(tm, "fcn8s", 4, "vgg11", True)
+    tm = random_reference("fcn8s", 4, "vgg11", True, seed=4).eval()
+    m = jax_twin(tm, "fcn8s")
     m.eval()
     x = _batch((1, 3, 45, 70))
     padded = np.pad(x, ((0, 0), (0, 0), (0, 64 - 45), (0, 96 - 70)))
@@ -116,22 +127,24 @@ def test_any_input_size_equals_reference_on_padded_input(torch):
     assert_close(nchw(m(jnp.asarray(nhwc(x)))), ref, EVAL_RTOL, "logits at 45x70")
 
 
+@pytest.mark.slow
 def test_full_size_fcn8s_vgg16_eval(torch):
-    tm = torch_fcn("fcn8s", 21, "vgg16", False, seed=5).eval()
-    m = jax_twin(tm, "fcn8s", 21, "vgg16", False)
+    tm = random_reference("fcn8s", 21, "vgg16", False, seed=5).eval()
+    m = jax_twin(tm, "fcn8s")
     m.eval()
     x = _batch((1, 3, 224, 224))
     with torch.no_grad(), jax.default_matmul_precision("highest"):
         assert_close(nchw(m(jnp.asarray(nhwc(x)))), tm(torch.from_numpy(x)).numpy(), EVAL_RTOL, "logits 224x224")
 
 
-@pytest.mark.parametrize("name", [f"{b}{s}" for b in fcn_jax.BACKBONES for s in ("", "_bn")])
+@pytest.mark.parametrize("name", [pytest.param(f"{b}{s}", marks=() if b == "vgg11" else pytest.mark.slow)
+                                  for b in fcn_jax.BACKBONES for s in ("", "_bn")])
 def test_torchvision_vgg_loads_into_backbone(torch, name):
     """torchvision's real VGG modules (random init): our backbone gives the outputs of applying
     torchvision's ``features`` in order, taken after each max-pool."""
     import torchvision
 
-    from fcn_jax.reference import randomize_batchnorm_
+    from fcn_jax.pytorch.reference import randomize_batchnorm_
 
     torch.manual_seed(6)
     tv = randomize_batchnorm_(getattr(torchvision.models, name)(weights=None), 6).eval()

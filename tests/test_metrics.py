@@ -14,7 +14,7 @@ def _paper_metrics(labels, preds, num_classes, ignore=255):
     keep = labels != ignore
     labels, preds = labels[keep], preds[keep]
     n = np.zeros((num_classes, num_classes))
-    for i, j in zip(labels, preds):
+    for i, j in zip(labels, preds, strict=True):
         n[i, j] += 1
     t = n.sum(1)
     ious, accs, fw = [], [], 0.0

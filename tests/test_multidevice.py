@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fcn_jax.models import torch_feature_indices
 
@@ -46,6 +47,7 @@ def _assert_same_training(a: dict, b: dict) -> None:
         assert err <= RTOL * scale, f"{key}: {err:.3e} > {RTOL} x {scale:.3e}"
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one(tmp_path):
     one = _run(tmp_path / "one.npz", 1, 8)
     eight = _run(tmp_path / "eight.npz", 8, 8)
@@ -59,6 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "two.npz"
@@ -70,7 +73,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     finally:
         for p in procs:
             p.kill()
-    for p, (_, err) in zip(procs, logs):
+    for p, (_, err) in zip(procs, logs, strict=True):
         assert p.returncode == 0, err[-3000:]
     two = dict(np.load(out))
     four = _run(tmp_path / "four.npz", 4, 4)

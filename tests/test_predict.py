@@ -33,7 +33,7 @@ def test_predict_api_equals_one_image_at_a_time(weights):
     images = _images()
     masks = fcn_jax.predict(model, images, batch_size=2)
     logits = fcn_jax.predict(model, images[1], logits=True)
-    for image, mask in zip(images, masks):
+    for image, mask in zip(images, masks, strict=True):
         alone = np.asarray(jnp.argmax(model(jnp.asarray(normalize(image[None]))), -1))[0]
         np.testing.assert_array_equal(mask, alone)
         assert mask.shape == image.shape[:2] and mask.dtype == np.uint8

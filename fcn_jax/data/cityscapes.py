@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fcn_jax.data.files import DatasetError, SegmentationFiles, read_index_png
+from fcn_jax.data.files import SegmentationFiles, read_index_png
+from fcn_jax.errors import DatasetError
 
 WHERE = "https://www.cityscapes-dataset.com/downloads/ (leftImg8bit_trainvaltest.zip, gtFine_trainvaltest.zip)"
 CLASS_NAMES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",

@@ -11,13 +11,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fcn_jax.data.pipeline import check_label
-from fcn_jax.errors import FcnJaxError
+from fcn_jax.errors import DatasetError
 
 log = logging.getLogger("fcn_jax")
-
-
-class DatasetError(FcnJaxError):
-    """A dataset file or folder that cannot be used as it is."""
 
 
 @contextlib.contextmanager
@@ -68,7 +64,7 @@ class SegmentationFiles:
         self.skipped: list[tuple[str, str]] = []
         if skip_bad:
             good = []
-            for i, pair in enumerate(self.pairs):
+            for pair in self.pairs:
                 try:
                     self._load(pair)
                     good.append(pair)
@@ -96,10 +92,8 @@ class SegmentationFiles:
         image_path, mask_path = pair
         image, label = read_image(image_path), self.decode(mask_path)
         if label.shape != image.shape[:2]:
-            raise DatasetError(f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]} but its image {image_path.name} "
+            raise DatasetError(f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]} but its image "
+                               f"{image_path.name} "
                                f"is {image.shape[1]}x{image.shape[0]} (width x height); they must match")
-        try:
-            check_label(label, self.num_classes, self.ignore_index, str(mask_path))
-        except ValueError as e:
-            raise DatasetError(str(e)) from None
+        check_label(label, self.num_classes, self.ignore_index, str(mask_path))
         return image, label.astype(np.uint8)

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from fcn_jax.errors import ConfigError, DatasetError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REFERENCE_BGR_MEAN = (103.939, 116.779, 123.68)  # the reference's BGR means, in 0..255
 
@@ -33,7 +35,7 @@ def normalize(images: np.ndarray, mode: str = "imagenet") -> np.ndarray:
         return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
     if mode == "reference":
         return x[..., ::-1] - np.array(REFERENCE_BGR_MEAN, np.float32) / 255.0
-    raise ValueError(f"unknown normalisation {mode!r}; choose imagenet or reference")
+    raise ConfigError(f"unknown normalisation {mode!r}; choose imagenet or reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,7 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
     bad = (label >= num_classes) & (label != ignore_index)
     if bad.any() or (label < 0).any():
         values = sorted(set(np.unique(label[bad | (label < 0)]).tolist()))[:10]
-        raise ValueError(f"{where}: label values {values} are outside [0, {num_classes}) and not the ignore label "
+        raise DatasetError(f"{where}: label values {values} are outside [0, {num_classes}) and not the ignore label "
                          f"{ignore_index}; check the mask files or the dataset's num_classes")
 
 
@@ -88,9 +90,9 @@ class Loader:
                  augment: Augment | None = None, normalization: str = "imagenet", drop_last: bool = True,
                  process_index: int = 0, process_count: int = 1, workers: int = 2):
         if global_batch_size % process_count:
-            raise ValueError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
+            raise ConfigError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
         if drop_last and len(dataset) < global_batch_size:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one batch of {global_batch_size}")
+            raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of {global_batch_size}")
         self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
         self.shuffle, self.augment, self.normalization, self.drop_last = shuffle, augment, normalization, drop_last
         self.local_batch_size = global_batch_size // process_count
@@ -149,7 +151,7 @@ class Loader:
         try:
             image_batch, label_batch = np.stack(images), np.stack(labels).astype(np.int32)
         except ValueError as e:
-            raise ValueError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
+            raise DatasetError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
                              f"use a crop size or batch size 1") from e
         check_label(label_batch, self.dataset.num_classes, ignore, f"batch of samples {indices}")
         return {"image": normalize(image_batch, self.normalization), "label": label_batch}
@@ -167,7 +169,7 @@ class EvalBatches:
                  process_index: int = 0, process_count: int = 1, sizes: list[tuple[int, int]] | None = None):
         """``sizes``: the (H, W) of every sample, by default ``dataset.image_sizes()``."""
         if global_batch_size % process_count:
-            raise ValueError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
+            raise ConfigError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
         self.dataset, self.normalization, self.multiple = dataset, normalization, multiple
         self.global_batch_size, self.local = global_batch_size, global_batch_size // process_count
         self.process_index = process_index

@@ -12,6 +12,8 @@ import colorsys
 
 import numpy as np
 
+from fcn_jax.errors import DatasetError
+
 CLASS_NAMES = ("background", "disc", "square", "triangle", "ring")
 _HUE_BANDS = {1: (0.0, 0.12), 2: (0.25, 0.37), 3: (0.5, 0.62), 4: (0.75, 0.87)}
 _SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -27,7 +29,7 @@ class SyntheticShapes:
     def __init__(self, split: str = "train", *, num_samples: int | None = None, size: tuple[int, int] = (64, 64),
                  seed: int = 0):
         if split not in _SPLIT_IDS:
-            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(_SPLIT_IDS)}")
+            raise DatasetError(f"unknown split {split!r}; choose one of {', '.join(_SPLIT_IDS)}")
         self.split, self.size, self.seed = split, tuple(size), seed
         self.num_samples = num_samples if num_samples is not None else (2000 if split == "train" else 200)
         self.palette = np.array([[0, 0, 0], [230, 60, 40], [60, 200, 60], [40, 120, 230], [200, 60, 220]], np.uint8)
@@ -54,7 +56,7 @@ class SyntheticShapes:
             mask = _shape_mask(cls, rng, yy - cy, xx - cx, r)
             hue = rng.uniform(*_HUE_BANDS[cls])
             colour = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)), np.float32)
-            shade = 1 + 0.15 * np.sin((yy * rng.uniform(-0.3, 0.3) + xx * rng.uniform(-0.3, 0.3)))
+            shade = 1 + 0.15 * np.sin(yy * rng.uniform(-0.3, 0.3) + xx * rng.uniform(-0.3, 0.3))
             image[mask] = (colour * 255 * shade[..., None])[mask]
             label[mask] = cls
         image += rng.normal(0, 12, image.shape).astype(np.float32)

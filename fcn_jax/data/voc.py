@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fcn_jax.data.files import DatasetError, SegmentationFiles, read_index_png
+from fcn_jax.data.files import SegmentationFiles, read_index_png
+from fcn_jax.drawing import voc_palette
+from fcn_jax.errors import DatasetError
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -24,20 +26,6 @@ CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
 SPLITS = ("train", "val", "trainval", "train_aug", "seg11valid")
 WHERE = ("PASCAL VOC 2012: http://host.robots.ox.ac.uk/pascal/VOC/voc2012/ (VOCtrainval_11-May-2012.tar); "
          "SBD: http://home.bharathh.info/pubs/codes/SBD/download.html (benchmark.tgz)")
-
-
-def voc_palette(n: int = 256) -> np.ndarray:
-    """VOC's colour map: class bits spread over the high bits of R, G and B."""
-    palette = np.zeros((n, 3), np.uint8)
-    for i in range(n):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette[i] = (r, g, b)
-    return palette
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.errors import ConfigError
 from fcn_jax.models.fcn import FCN, FCN8s, FCN16s, FCN32s, FCNs
 from fcn_jax.models.vgg import BACKBONES, CFGS, VGGBackbone, feature_ranges, torch_feature_indices
 
@@ -34,14 +35,27 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = 
       ``model(images)`` maps ``(N, H, W, 3)`` NHWC to ``(N, H, W, num_classes)`` logits.
     """
     if arch not in MODELS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
     for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
         if jnp.dtype(dt) == jnp.float64 and not jax.config.jax_enable_x64:
-            raise ValueError(f"{name}=float64 needs 64-bit JAX: run jax.config.update('jax_enable_x64', "
+            raise ConfigError(f"{name}=float64 needs 64-bit JAX: run jax.config.update('jax_enable_x64', "
                              f"True) first or use `with jax.enable_x64(True):`")
     return MODELS[arch](num_classes, backbone=backbone, batch_norm=batch_norm, dtype=dtype,
                         param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(seed))
 
 
-__all__ = ["ARCHS", "BACKBONES", "CFGS", "FCN", "FCN8s", "FCN16s", "FCN32s", "FCNs", "MODELS",
-           "VGGBackbone", "create_model", "feature_ranges", "torch_feature_indices"]
+__all__ = [
+    "ARCHS",
+    "BACKBONES",
+    "CFGS",
+    "FCN",
+    "MODELS",
+    "FCN8s",
+    "FCN16s",
+    "FCN32s",
+    "FCNs",
+    "VGGBackbone",
+    "create_model",
+    "feature_ranges",
+    "torch_feature_indices",
+]

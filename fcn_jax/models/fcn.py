@@ -16,10 +16,13 @@ equals the PyTorch reference's (which only accepts multiples of 32).
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.errors import ConfigError, InputError
 from fcn_jax.layers import BatchNorm2d, Conv2d, ConvTranspose2d
 from fcn_jax.models.vgg import VGGBackbone
 
@@ -40,11 +43,11 @@ class FCN(nnx.Module):
     def __init__(self, num_classes: int, *, backbone: str = "vgg16", batch_norm: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.num_classes = num_classes
         self.backbone = VGGBackbone(backbone, batch_norm=batch_norm, dtype=dtype,
                                     param_dtype=param_dtype, precision=precision, rngs=rngs)
-        for k, (cin, cout) in enumerate(zip(DECODER_WIDTHS[:-1], DECODER_WIDTHS[1:]), start=1):
+        for k, (cin, cout) in enumerate(itertools.pairwise(DECODER_WIDTHS), start=1):
             setattr(self, f"deconv{k}", ConvTranspose2d(
                 cin, cout, 3, stride=2, padding=1, output_padding=1, dtype=dtype,
                 param_dtype=param_dtype, precision=precision, rngs=rngs))
@@ -111,13 +114,13 @@ class FCNs(FCN):
 
     def decode(self, f):
         score = f["x5"]
-        for k, skip in zip(range(1, 5), ("x4", "x3", "x2", "x1")):
+        for k, skip in enumerate(("x4", "x3", "x2", "x1"), start=1):
             score = self.up(k, score) + f[skip]  # skip added after the BatchNorm
         return self.up(5, score)
 
 
 def check_images(images) -> jax.Array:
-    """``images`` as an array, or a ValueError that says what shape was expected."""
+    """``images`` as an array, or an InputError that says what shape was expected."""
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         hint = ""
@@ -125,8 +128,8 @@ def check_images(images) -> jax.Array:
             hint = " It looks NCHW (PyTorch's layout): use images.transpose(0, 2, 3, 1)."
         elif images.ndim == 3 and images.shape[-1] == 3:
             hint = " Add a batch axis: images[None]."
-        raise ValueError(f"expected images of shape (N, H, W, 3) (NHWC, RGB), got {images.shape}.{hint}")
+        raise InputError(f"expected images of shape (N, H, W, 3) (NHWC, RGB), got {images.shape}.{hint}")
     if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise ValueError(f"expected float images, got dtype {images.dtype}; convert uint8 images to "
+        raise InputError(f"expected float images, got dtype {images.dtype}; convert uint8 images to "
                          f"float and normalise them first, e.g. (x / 255 - mean) / std")
     return images

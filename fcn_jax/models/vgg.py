@@ -7,10 +7,13 @@ five feature maps taken right after each pool: ``x1`` (stride 2, 64 ch) .. ``x5`
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.errors import ConfigError
 from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2
 
 CFGS: dict[str, tuple] = {
@@ -24,9 +27,9 @@ BACKBONES = tuple(CFGS)
 
 
 def check_backbone_name(name: str) -> tuple:
-    """The cfg of ``name``, or a ValueError listing the valid names."""
+    """The cfg of ``name``, or a ConfigError listing the valid names."""
     if name not in CFGS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} "
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} "
                          f"(BatchNorm variants: pass batch_norm=True)")
     return CFGS[name]
 
@@ -76,7 +79,7 @@ class VGGBackbone(nnx.Module):
         self.convs = nnx.List([
             Conv2d(cin, cout, 3, padding=1, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
                    precision=precision, rngs=rngs)
-            for cin, cout in zip([3, *widths[:-1]], widths)])
+            for cin, cout in itertools.pairwise([3, *widths])])
         self.bns = nnx.List([BatchNorm2d(c, dtype=dtype, param_dtype=param_dtype) for c in widths]
                             if batch_norm else [])
 

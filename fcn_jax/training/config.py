@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from fcn_jax import runs
+from fcn_jax.errors import ConfigError, RunError
 from fcn_jax.models import ARCHS, BACKBONES
 from fcn_jax.training.losses import LOSSES
 from fcn_jax.training.optim import OPTIMIZERS, SCHEDULES
@@ -79,17 +81,17 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_json(cls, text: str) -> TrainConfig:
         values = json.loads(text)
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 PRESETS: dict[str, dict] = {
     "synthetic": {},
-    # The reference's published recipe (FCN_REFERENCE.md section 3): CamVid's 32 classes.
+    # The reference's published recipe (docs/reference-fcn.md): CamVid's 32 classes.
     "camvid-fcns-reference": dict(
         dataset="camvid", arch="fcns", backbone="vgg16", batch_norm=False,
         loss="bce", optimizer="rmsprop", lr=1e-4, momentum=0.0, weight_decay=1e-5, schedule="step",
@@ -98,7 +100,8 @@ PRESETS: dict[str, dict] = {
     # The FCN paper's FCN-8s on PASCAL VOC: SGD, momentum 0.99, weight decay 5e-4, ImageNet VGG16, whole
     # images one at a time; lr 1e-10 per pixel of a summed loss ~ 1.75e-5 for our per-pixel mean.
     "voc-fcn8s": dict(
-        dataset="voc", train_split="train_aug", val_split="seg11valid", arch="fcn8s", backbone="vgg16", batch_norm=False, loss="cross_entropy", optimizer="sgd",
+        dataset="voc", train_split="train_aug", val_split="seg11valid", arch="fcn8s", backbone="vgg16",
+        batch_norm=False, loss="cross_entropy", optimizer="sgd",
         lr=1.75e-5, momentum=0.99, weight_decay=5e-4, schedule="constant", warmup_steps=0, epochs=50,
         batch_size=1, hflip=True, normalization="imagenet", backbone_weights="vgg16.safetensors"),
 }
@@ -145,20 +148,18 @@ def explicit_overrides(args: argparse.Namespace) -> dict:
 
 def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     return TrainConfig(**{**PRESETS[preset], **overrides})
 
 
 def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
     """The saved config of the run in ``run_dir``; explicit settings must agree with it."""
-    from fcn_jax.errors import FcnJaxError
-
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / runs.CONFIG
     if not path.is_file():
-        raise FcnJaxError(f"nothing to resume in {run_dir}: it has no config.json (start without --resume)")
+        raise RunError(f"nothing to resume in {run_dir}: it has no {runs.CONFIG} (start without --resume)")
     saved = TrainConfig.from_json(path.read_text())
     differing = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})" for k, v in overrides.items()
                  if k != "run_dir" and getattr(saved, k) != v]
     if differing:
-        raise FcnJaxError("--resume continues a run with its saved settings, but these differ: " + ", ".join(differing))
+        raise ConfigError("--resume continues a run with its saved settings, but these differ: " + ", ".join(differing))
     return dataclasses.replace(saved, run_dir=str(run_dir))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fcn_jax.errors import ConfigError
+
 LOSSES = ("cross_entropy", "bce")
 
 
@@ -47,5 +49,5 @@ def bce(logits: jax.Array, labels: jax.Array, *, ignore_index: int = 255, class_
 
 def get_loss(name: str):
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
+        raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
     return {"cross_entropy": cross_entropy, "bce": bce}[name]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import optax
 
+from fcn_jax.errors import ConfigError
+
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("constant", "step", "poly", "cosine")
 
@@ -32,14 +34,15 @@ def make_schedule(name: str, lr: float, *, total_steps: int, steps_per_epoch: in
     elif name == "cosine":
         main = optax.cosine_decay_schedule(lr, decay_steps)
     else:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     if warmup_steps <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
 
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 0.0, rmsprop_alpha: float = 0.99, eps: float = 1e-8) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, rmsprop_alpha: float = 0.99,
+                   eps: float = 1e-8) -> optax.GradientTransformation:
     if name == "sgd":
         return optax.chain(optax.add_decayed_weights(weight_decay),
                            optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))
@@ -49,4 +52,4 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
                                          momentum=momentum or None))
     if name == "adamw":
         return optax.adamw(schedule, eps=eps, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

@@ -19,24 +19,25 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from fcn_jax import runs
 from fcn_jax.data import Augment, Loader, get_dataset
 from fcn_jax.data.pipeline import EvalBatches
-from fcn_jax.errors import FcnJaxError
-from fcn_jax.metrics import segmentation_metrics
+from fcn_jax.drawing import overlay_panel, plot_learning_curve
+from fcn_jax.errors import ConfigError, RunError, TrainingDiverged
+from fcn_jax.evaluation import confusion_over
+from fcn_jax.metrics import metrics_table, segmentation_metrics
 from fcn_jax.models import create_model
+from fcn_jax.prediction import predict
+from fcn_jax.sharding import host_array, make_mesh, replicate_state, shard_batch
 from fcn_jax.training.checkpoint import RunCheckpoints
 from fcn_jax.training.config import TrainConfig
 from fcn_jax.training.losses import get_loss
 from fcn_jax.training.optim import make_optimizer, make_schedule
-from fcn_jax.training.reporting import MetricsLog, metrics_table, overlay_panel, plot_learning_curve
-from fcn_jax.training.step import evaluate, make_mesh, replicate_state, shard_batch, train_step, trainable
-from fcn_jax.weights import host_array, load_weights, save_weights
+from fcn_jax.training.reporting import MetricsLog
+from fcn_jax.training.step import train_step, trainable
+from fcn_jax.weights import load_weights, save_weights
 
 log = logging.getLogger("fcn_jax")
-
-
-class TrainingDiverged(FcnJaxError):
-    """The loss became NaN or infinite."""
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -57,7 +58,7 @@ def _load_init_weights(model, config: TrainConfig) -> None:
         if path is None:
             continue
         if not Path(path).is_file():
-            raise FcnJaxError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
+            raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
                               f"`fcn-jax convert --torchvision {config.backbone}{'_bn' if config.batch_norm else ''} "
                               f"--output {path}` (needs internet once), or train without it")
         load_weights(target, path)
@@ -71,12 +72,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     checkpoints = RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints)
     latest = checkpoints.latest_step()
     if resume and latest is None:
-        raise FcnJaxError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
+        raise RunError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
     if not resume and latest is not None:
-        raise FcnJaxError(f"{run_dir} already holds a run (checkpoint at step {latest}): continue it with --resume "
+        raise RunError(f"{run_dir} already holds a run (checkpoint at step {latest}): continue it with --resume "
                           f"or choose another --run-dir")
     if config.batch_size % jax.device_count():
-        raise FcnJaxError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
+        raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
 
     datasets = {role: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
                                   synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
@@ -90,7 +91,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
     labels = {"class_names": class_names, "palette": datasets["train"].palette}  # stored with the weights
     if config.class_weights is not None and len(config.class_weights) != num_classes:
-        raise FcnJaxError(f"--class-weights has {len(config.class_weights)} values; the dataset has {num_classes} classes")
+        raise ConfigError(f"--class-weights has {len(config.class_weights)} values; the dataset has "
+                          f"{num_classes} classes")
 
     model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
                          seed=config.seed, dtype=jnp.dtype(config.dtype))
@@ -114,7 +116,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         step, best, metrics = info["step"], info["best"], info.get("metrics")
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json())
+        (run_dir / runs.CONFIG).write_text(config.to_json())
     reports = MetricsLog(run_dir) if is_main else None
     bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
@@ -159,12 +161,12 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                 save()
         epoch = train_loader.epoch
         if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-            conf = evaluate(model, val_loader, mesh, num_classes, config.ignore_index)
+            conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
             metrics = segmentation_metrics(conf, class_names)
             if metrics["mean_iou"] > best["mean_iou"]:
                 best = {"mean_iou": metrics["mean_iou"], "step": step}
                 if is_main:
-                    save_weights(model, run_dir / "best.safetensors", **labels)
+                    save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
             bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU {metrics['mean_iou']:.4f}  "
                       f"pixel accuracy {metrics['pixel_acc']:.4f}")
             if reports:
@@ -176,7 +178,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     bar.close()
     checkpoints.close()
     if is_main:
-        save_weights(model, run_dir / "final.safetensors", **labels)
+        save_weights(model, run_dir / runs.FINAL_WEIGHTS, **labels)
         plot_learning_curve(reports.records(), run_dir / "learning_curve.png")
         _write_overlays(model, datasets["val"], config, run_dir / "predictions")
         reports.close()
@@ -194,12 +196,9 @@ def _write_overlays(model, dataset, config: TrainConfig, folder: Path) -> None:
     single-process runs; multi-host runs skip the pictures)."""
     if config.overlays <= 0 or jax.process_count() > 1:
         return
-    from fcn_jax.prediction import predict
-
     folder.mkdir(parents=True, exist_ok=True)
     samples = [dataset[i] for i in range(min(config.overlays, len(dataset)))]
     preds = predict(model, [image for image, _ in samples], normalization=config.normalization)
-    for i, ((image, label), pred) in enumerate(zip(samples, preds)):
+    for i, ((image, label), pred) in enumerate(zip(samples, preds, strict=True)):
         overlay_panel(image, label, pred, dataset.palette, dataset.class_names, config.ignore_index).save(
             folder / f"val_{i:03d}.png")
-    model.train()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fcn_jax import extras
 from fcn_jax.errors import WeightsError, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
 
@@ -117,7 +117,7 @@ def read_torch_state_dict(source) -> dict[str, np.ndarray]:
     elif callable(getattr(source, "state_dict", None)):
         sd = source.state_dict()
     else:
-        raise TypeError(f"expected a state_dict, an nn.Module or a path, got {type(source).__name__}")
+        raise WeightsError(f"expected a state_dict, an nn.Module or a path, got {type(source).__name__}")
     sd = _unwrap(sd)
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -141,10 +141,7 @@ def _to_numpy(key: str, v) -> np.ndarray:
         raise WeightsError(f"state_dict entry {key!r} is a {type(v).__name__}, not a tensor; pass the "
                            f"model's state_dict (e.g. checkpoint['model']), not a training checkpoint")
     if type(v).__module__.startswith("torch"):
-        v = v.detach().cpu()
-        if str(v.dtype) == "torch.bfloat16":
-            v = v.float()  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
-        return v.numpy()
+        return extras.pytorch("io", "reading PyTorch tensors").to_numpy(v)
     return np.asarray(v)
 
 
@@ -159,32 +156,11 @@ def _read_file(path: Path) -> Mapping:
                 if (f.metadata() or {}).get("format", "").startswith("fcn-jax"):
                     raise WeightsError(f"{path} is an fcn-jax weights file (Flax layout), not a PyTorch "
                                        f"state_dict: load it with fcn_jax.load_model or fcn_jax.load_weights")
-                return {k: f.get_tensor(k) for k in f.keys()}
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         except SafetensorError as e:
             raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or "
                                f"not a safetensors file: download or save it again") from e
-    return _torch_load(path)
-
-
-def _torch_load(path: Path) -> Mapping:
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightsError(f"reading {path.name} needs PyTorch: pip install 'fcn-jax[torch]'") from e
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if zipfile.is_zipfile(path):
-            raise WeightsError(
-                f"{path} holds Python objects beyond tensors (a whole pickled model?), which "
-                f"torch.load(weights_only=True) refuses to run; re-save the weights in PyTorch with "
-                f"torch.save(model.state_dict(), path)") from e
-        raise WeightsError(f"{path} is not a PyTorch checkpoint or is corrupt; download or save it again") from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"could not read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]}); the "
-                           f"file is truncated or corrupt: download or save it again") from e
+    return extras.pytorch("io", f"reading {path.name}").load_file(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +248,7 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     for key, (field, var) in entries.items():
         # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
         # updates BatchNorm statistics in place.
-        var[...] = jnp.array(field.to_flax(sd[key]), dtype=var[...].dtype, copy=True)
+        var.set_value(jnp.array(field.to_flax(sd[key]), dtype=var.dtype, copy=True))
     for note in notes:
         log.info(note)
     ignored += [k for k in sd if k not in entries]
@@ -288,8 +264,4 @@ def to_torch_state_dict(model: FCN | VGGBackbone, *, as_torch: bool = False) -> 
     for key, field, var in torch_entries(model):
         a = field.to_torch(np.asarray(var[...]))
         sd[key] = a.astype(np.int64) if field.torch == "num_batches_tracked" else np.ascontiguousarray(a)
-    if as_torch:
-        import torch
-
-        sd = {k: torch.tensor(v) for k, v in sd.items()}  # a writable copy
-    return sd
+    return extras.pytorch("io", "as_torch=True").from_numpy(sd) if as_torch else sd

@@ -1,13 +1,18 @@
-"""PyTorch FCN reference (NCHW), state_dict layout ``pretrained_net.features.N.*``, ``deconvK.*``,
-``bnK.*``, ``classifier.*``. Inputs must be multiples of 32, as in the reference."""
+"""The PyTorch FCN that fcn-jax mirrors and is tested against (see docs/reference-fcn.md): torchvision's
+VGG ``features`` as the backbone and the FCN32s/FCN16s/FCN8s/FCNs decoders of five ``ConvTranspose2d`` +
+BatchNorm steps, NCHW, with the state_dict layout ``pretrained_net.features.N.*``, ``deconvK.*``,
+``bnK.*``, ``classifier.*``. Inputs must be multiples of 32."""
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.vgg import VGG, make_layers
 
+from fcn_jax.errors import ConfigError
 from fcn_jax.models.fcn import DECODER_WIDTHS
 from fcn_jax.models.vgg import check_backbone_name, feature_ranges
 
@@ -46,7 +51,7 @@ class _FCNDecoder(nn.Module):
         self.n_class = n_class
         self.pretrained_net = pretrained_net
         self.relu = nn.ReLU(inplace=True)
-        for k, (cin, cout) in enumerate(zip(DECODER_WIDTHS[:-1], DECODER_WIDTHS[1:]), start=1):
+        for k, (cin, cout) in enumerate(itertools.pairwise(DECODER_WIDTHS), start=1):
             setattr(self, f"deconv{k}", nn.ConvTranspose2d(cin, cout, kernel_size=3, stride=2, padding=1,
                                                           dilation=1, output_padding=1))
             setattr(self, f"bn{k}", nn.BatchNorm2d(cout))
@@ -100,7 +105,7 @@ def build_torch_model(arch: str, num_classes: int, backbone: str = "vgg16", batc
                       pretrained: bool = False) -> _FCNDecoder:
     """The reference FCN, e.g. ``build_torch_model("fcn8s", 21, "vgg16")``; NCHW in, NCHW logits out."""
     if arch not in TORCH_MODELS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(TORCH_MODELS)}")
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(TORCH_MODELS)}")
     return TORCH_MODELS[arch](VGGNet(backbone, batch_norm=batch_norm, pretrained=pretrained), num_classes)
 
 

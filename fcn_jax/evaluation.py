@@ -1,0 +1,99 @@
+"""Evaluation: weights + a dataset split -> the FCN paper's metrics over the whole split.
+
+Whole images at their own sizes (no centre crops, which inflate scores), batched by size bucket
+(see :class:`fcn_jax.data.pipeline.EvalBatches`), sharded over every device; one confusion matrix
+accumulated on device. Training validates through :func:`confusion_over` too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from fcn_jax.data import get_dataset
+from fcn_jax.data.pipeline import EvalBatches
+from fcn_jax.drawing import plot_confusion
+from fcn_jax.errors import ConfigError
+from fcn_jax.metrics import confusion_matrix, metrics_table, segmentation_metrics
+from fcn_jax.modes import in_mode
+from fcn_jax.runs import resolve_weights
+from fcn_jax.sharding import device_batch_size, make_mesh, replicate_state, shard_batch
+from fcn_jax.weights import load_model
+
+
+@nnx.jit(static_argnames=("num_classes", "ignore_index"))
+def eval_step(model, images: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int) -> jax.Array:
+    """The confusion matrix of one batch, in the model's current mode."""
+    return confusion_matrix(model(images), labels, num_classes, ignore_index)
+
+
+def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, progress=None) -> np.ndarray:
+    """The confusion matrix of ``model`` in eval mode over one pass of ``batches`` (e.g. ``EvalBatches``),
+    accumulated on device. The model is left in the mode it had."""
+    conf = jnp.zeros((num_classes, num_classes), jnp.int32)
+    with in_mode(model, train=False):
+        for batch in batches:
+            batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+            conf = conf + eval_step(model, batch["image"], batch["label"], num_classes, ignore_index)
+            if progress is not None:
+                progress.update(1)
+    return np.asarray(conf.addressable_data(0))  # replicated: every process holds the whole matrix
+
+
+def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = "imagenet",
+                   progress: bool = True) -> tuple[dict, np.ndarray]:
+    """``(metrics, confusion matrix)`` of ``model`` (in eval mode) over all of ``dataset``. ``batch_size`` 0:
+    one image per device. The model's state is replicated over the devices and its mode left as it was."""
+    if model.num_classes != dataset.num_classes:
+        raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {dataset.num_classes}")
+    batch_size = device_batch_size(batch_size)
+    mesh = make_mesh()
+    replicate_state(model, mesh)
+    batches = EvalBatches(dataset, batch_size, normalization=normalization, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+    with tqdm(total=len(batches), unit="batch", desc="evaluate", disable=not progress or jax.process_index()) as bar:
+        conf = confusion_over(model, batches, mesh, dataset.num_classes, dataset.ignore_index, progress=bar)
+    return segmentation_metrics(conf, list(dataset.class_names)), conf
+
+
+def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | None = None, split: str | None = None,
+                 batch_size: int = 0, normalization: str | None = None, output: str | None = None,
+                 skip_bad: bool = False, progress: bool = True) -> dict:
+    """Evaluate, print the table, and write ``OUTPUT.json`` and ``OUTPUT_confusion.png``. Settings
+    left out come from the run's config when ``weights`` is a run directory."""
+    path, run = resolve_weights(weights)
+    run = run or {}
+    dataset = dataset or run.get("dataset")
+    if dataset is None:
+        raise ConfigError("pass --dataset (and --data-dir): the weights file does not say what it was trained on")
+    split = split or run.get("val_split", "val")
+    normalization = normalization or run.get("normalization", "imagenet")
+    if dataset == run.get("dataset"):
+        data_dir = data_dir or run.get("data_dir")
+    kwargs = {}
+    if dataset == "synthetic" and run:
+        kwargs = dict(synthetic_size=run["synthetic_size"], synthetic_samples=run["synthetic_val"], seed=run["seed"])
+    data = get_dataset(dataset, split, data_dir=data_dir, skip_bad=skip_bad, **kwargs)
+    model = load_model(path)
+    metrics, conf = evaluate_model(model, data, batch_size=batch_size, normalization=normalization, progress=progress)
+    if jax.process_index() == 0:
+        print(f"{dataset} {split}: {len(data)} images, weights {path}")
+        print(metrics_table(metrics))
+        skipped = getattr(data, "skipped", [])
+        if skipped:
+            print(f"skipped {len(skipped)} bad sample(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
+        if output:
+            out = Path(output)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            report = {"weights": str(path), "dataset": dataset, "split": split, "images": len(data),
+                      "skipped": len(skipped), **metrics, "confusion_matrix": conf.tolist()}
+            out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+            plot_confusion(conf, data.class_names, out.with_name(out.stem + "_confusion.png"))
+            print(f"wrote {out.with_suffix('.json')} and {out.with_name(out.stem + '_confusion.png')}")
+    return metrics
