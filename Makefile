@@ -1,33 +1,52 @@
-# `make train`, `make test` and `make demo` set up .venv (once, re-done when pyproject.toml or constraints.txt change).
+# Every target sets up .venv as far as it needs (re-done when pyproject.toml or constraints.txt change):
+# `make train` installs the core package only (no PyTorch); the test, lint and demo targets add the torch
+# and dev extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: setup test train demo clean
+.PHONY: setup setup-dev train test test-fast lint demo clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.core
+setup-dev: $(VENV)/.dev
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[torch,dev]"
+
+$(VENV)/.core: pyproject.toml constraints.txt | $(PY)
+	$(PIP_INSTALL) -e .
 	touch $@
 
-test: setup
-	$(PY) -m pytest -q
+$(VENV)/.dev: $(VENV)/.core
+	$(PIP_INSTALL) -e ".[torch,dev]"
+	touch $@
 
-# The main job: train on the built-in synthetic dataset (about 2.5 minutes on 2 CPU cores); each run gets
+# The main job: train on the built-in synthetic dataset (about 2 minutes on 2 CPU cores); each run gets
 # its own runs/fcn-DATE-TIME folder, so earlier runs are never overwritten.
-train: setup
+train: $(VENV)/.core
 	$(VENV)/bin/fcn-jax train --run-dir runs/fcn-$$(date +%Y%m%d-%H%M%S)
 
+# What CI runs: the linter, then every test, on two worker processes (pytest-xdist; most of a test's time is
+# single-threaded XLA compilation, so two workers overlap well on two cores).
+test: lint
+	$(PY) -m pytest -q -n 2
+
+# Everything but the tests marked slow (model matrices, end-to-end training, multi-process, kill/resume).
+test-fast: $(VENV)/.dev
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+
 # Convert a random PyTorch FCN8s-VGG16 and verify that JAX and PyTorch give the same logits.
-demo: setup
+demo: $(VENV)/.dev
 	mkdir -p runs/demo
-	$(PY) -c "import torch; from fcn_jax.reference import build_torch_model; \
+	$(PY) -c "import torch; from fcn_jax.pytorch.reference import build_torch_model; \
 	torch.save(build_torch_model('fcn8s', 21, 'vgg16').state_dict(), 'runs/demo/fcn8s_vgg16.pth')"
 	$(VENV)/bin/fcn-jax convert --input runs/demo/fcn8s_vgg16.pth --arch fcn8s \
 	  --output runs/demo/fcn8s_vgg16.safetensors --verify
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache
