@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax import extras
-from fcn_jax.errors import WeightsError, key_problems_message
+from fcn_jax.errors import WeightsError, check_values, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
 
 log = logging.getLogger("fcn_jax")
@@ -245,6 +245,8 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     if missing or unexpected or misshaped:
         raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped,
                                                 _config_hints(found, model)))
+    check_values(source if isinstance(source, (str, os.PathLike)) else "the state_dict",
+                 {k: (sd[k], jnp.issubdtype(var.dtype, jnp.floating)) for k, (_, var) in entries.items()})
     for key, (field, var) in entries.items():
         # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
         # updates BatchNorm statistics in place.

@@ -7,7 +7,10 @@ fcn-jax (or in a library under it) and keeps its traceback (status 1). Python ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
 
 _SHOWN = 20  # keys listed per category before "... and N more"
 
@@ -42,6 +45,39 @@ class RunError(FcnJaxError):
 
 class TrainingDiverged(FcnJaxError):
     """The loss or the parameters became NaN or infinite."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name where the message is empty), for quoting
+    a library's error inside one of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_values(source, tensors: Mapping[str, tuple[np.ndarray, bool]]) -> None:
+    """A WeightsError naming every tensor of ``source`` that a model cannot use: ``tensors`` maps a name to
+    ``(values, should_be_float)``; integers where floats belong (a quantised file) and NaN or infinite
+    values (saved from a model that had diverged) are refused."""
+    problems = []
+    for name, (values, should_be_float) in tensors.items():
+        floating = jnp.issubdtype(values.dtype, jnp.floating)  # bfloat16 too, which numpy does not count
+        if should_be_float and not floating:
+            problems.append(f"{name} is {values.dtype}, not floating point (a quantised file?)")
+        elif floating and not np.isfinite(values.astype(np.float32)).all():
+            problems.append(f"{name} holds NaN or infinite values (saved from a model that had diverged?)")
+    if problems:
+        shown = "; ".join(problems[:_SHOWN]) + (f"; ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN
+                                                 else "")
+        raise WeightsError(f"{source}: {shown}. Use weights saved before the problem (an earlier checkpoint) "
+                           f"or convert the original floating-point weights again")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception at the end of ``error``'s chain of causes: what actually went wrong, below a library's
+    wrappers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 def key_problems_message(target: str, missing: Sequence[tuple[str, tuple]],

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax.conversion import describe
-from fcn_jax.errors import WeightsError, key_problems_message
+from fcn_jax.errors import WeightsError, check_values, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, create_model
 from fcn_jax.sharding import host_array
 
@@ -82,11 +82,19 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
                            f"`fcn-jax convert`")
     config = {"model": meta.get("model", "fcn"), "backbone": meta.get("backbone"),
               "batch_norm": meta.get("batch_norm") == "True"}
+    damaged = "the file was edited or damaged: save or convert the weights again"
     if config["model"] == "fcn":
-        config.update(arch=meta.get("arch"), num_classes=int(meta.get("num_classes", 0)))
+        try:
+            config.update(arch=meta.get("arch"), num_classes=int(meta.get("num_classes", 0)))
+        except ValueError:
+            raise WeightsError(f"{path}: its metadata 'num_classes' is {meta['num_classes']!r}, not a number; "
+                               f"{damaged}") from None
     for key in ("class_names", "palette"):
         if key in meta:
-            config[key] = json.loads(meta[key])
+            try:
+                config[key] = json.loads(meta[key])
+            except json.JSONDecodeError as e:
+                raise WeightsError(f"{path}: its metadata {key!r} is not JSON ({e}); {damaged}") from None
     return config, tensors
 
 
@@ -127,6 +135,7 @@ def _copy_into(model, config: dict, tensors: dict, path) -> None:
                  for key in ("backbone", "batch_norm", "num_classes") if key in mine and key in config
                  and config[key] != mine[key]]
         raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped, hints))
+    check_values(path, {k: (tensors[k], jnp.issubdtype(var.dtype, jnp.floating)) for k, var in want.items()})
     for k, var in want.items():
         var.set_value(jnp.asarray(tensors[k], dtype=var.dtype))
 

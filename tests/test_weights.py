@@ -107,3 +107,39 @@ def test_bad_weight_files(tmp_path):
             fcn_jax.load_model(tmp_path / name)
     with pytest.raises(WeightsError, match=r"saved as \.safetensors"):
         fcn_jax.save_weights(_trained_model(), tmp_path / "m.pth")
+
+
+def test_weights_that_are_not_float_or_not_finite_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11")
+    path = tmp_path / "m.safetensors"
+    fcn_jax.save_weights(model, path)
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    tensors["classifier.kernel"] = tensors["classifier.kernel"].astype(np.int8)
+    save_file(tensors, tmp_path / "int8.safetensors", metadata=meta)
+    with pytest.raises(WeightsError, match=r"int8.safetensors: classifier.kernel is int8"):
+        fcn_jax.load_model(tmp_path / "int8.safetensors")
+    tensors = load_file(path)
+    tensors["deconv2.kernel"][0, 0, 0, 0] = np.nan
+    save_file(tensors, tmp_path / "nan.safetensors", metadata=meta)
+    with pytest.raises(WeightsError, match=r"nan.safetensors: deconv2.kernel holds NaN or infinite values"):
+        fcn_jax.load_model(tmp_path / "nan.safetensors")
+
+
+def test_metadata_that_is_not_json_names_the_file(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11")
+    fcn_jax.save_weights(model, tmp_path / "m.safetensors", class_names=["a", "b"])
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m.safetensors"), "numpy") as f:
+        meta = f.metadata()
+    save_file(load_file(tmp_path / "m.safetensors"), tmp_path / "bad.safetensors",
+              metadata={**meta, "class_names": "[a, b"})
+    with pytest.raises(WeightsError, match=r"bad.safetensors: its metadata 'class_names' is not JSON"):
+        fcn_jax.load_model(tmp_path / "bad.safetensors")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from fcn_jax.data.pipeline import check_label
 from fcn_jax.errors import DatasetError
@@ -30,10 +32,31 @@ def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
         raise DatasetError(f"{path}: not a readable {what} ({e}); {fix} pass --skip-bad-samples") from None
 
 
+EXIF_ORIENTATION = 0x0112
+SWAPS_SIDES = (5, 6, 7, 8)  # orientations that turn the stored image by 90 degrees for display
+
+
+def _orientation(im: Image.Image) -> int:
+    return im.getexif().get(EXIF_ORIENTATION, 1)
+
+
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 ``(H, W, 3)``; grey and palette images are converted, alpha is dropped."""
+    """RGB uint8 ``(H, W, 3)`` as the image is displayed: its EXIF orientation applied (phone photos store
+    pixels turned and say so in a tag). Grey and palette images are converted, alpha is dropped, and 16-bit
+    greyscale is scaled to 8 bits (a plain conversion would saturate it)."""
     with open_image(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # I;16 and friends: 16-bit greyscale
+            grey = np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=-1)
         return np.asarray(im.convert("RGB"))
+
+
+def displayed_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of the image as displayed (its EXIF orientation applied), from the file's header only."""
+    with open_image(path) as im:
+        w, h = im.size
+        return (w, h) if _orientation(im) in SWAPS_SIDES else (h, w)
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -81,19 +104,38 @@ class SegmentationFiles:
         return self._load(self.pairs[index])
 
     def image_sizes(self) -> list[tuple[int, int]]:
-        """(H, W) of every image, read from the file headers only."""
-        sizes = []
-        for image_path, _ in self.pairs:
-            with open_image(image_path) as im:
-                sizes.append((im.height, im.width))
-        return sizes
+        """(H, W) of every image as displayed, read from the file headers only."""
+        return [displayed_size(image_path) for image_path, _ in self.pairs]
+
+    def fingerprint(self) -> str:
+        """A digest of the split's file names, image and mask, in order: it changes when samples are added,
+        removed or renamed."""
+        names = "\n".join(f"{image.name}\t{mask.name}" for image, mask in self.pairs)
+        return hashlib.sha1(names.encode()).hexdigest()
+
+    def label_values(self) -> set[int]:
+        """Every label value that occurs in the split's masks (reads each mask once, not the images)."""
+        values: set[int] = set()
+        for _, mask_path in tqdm(self.pairs, desc=f"{self.name}: checking masks", unit="mask", leave=False,
+                                 disable=len(self.pairs) < 500):
+            values.update(np.unique(self.decode(mask_path)).tolist())
+        return values
 
     def _load(self, pair: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = pair
         image, label = read_image(image_path), self.decode(mask_path)
         if label.shape != image.shape[:2]:
-            raise DatasetError(f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]} but its image "
-                               f"{image_path.name} "
-                               f"is {image.shape[1]}x{image.shape[0]} (width x height); they must match")
+            (mh, mw), (ih, iw) = label.shape, image.shape[:2]
+            if (mh, mw) == (iw, ih):
+                with open_image(image_path) as im:
+                    rotated = _orientation(im) in SWAPS_SIDES
+                if rotated:
+                    raise DatasetError(
+                        f"{mask_path}: mask is {mw}x{mh} (width x height), the size of {image_path.name} as stored, "
+                        f"but the image's EXIF orientation turns it to {iw}x{ih} as displayed, and labels are drawn "
+                        f"on what is displayed. Turn the mask to match, or store the image upright (e.g. "
+                        f"`mogrify -auto-orient {image_path.name}`)")
+            raise DatasetError(f"{mask_path}: mask is {mw}x{mh} but its image {image_path.name} is {iw}x{ih} "
+                               f"(width x height); they must match")
         check_label(label, self.num_classes, self.ignore_index, str(mask_path))
         return image, label.astype(np.uint8)

@@ -24,7 +24,7 @@ def folder_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> S
     if not names_file.is_file() or not images.is_dir() or not masks.is_dir():
         raise DatasetError(f"{root}: expected classes.txt, images/{split}/ and masks/{split}/ (index PNGs named like "
                            f"the images)")
-    names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    names = _class_names(names_file)
     pairs, orphans = [], []
     for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
         mask = masks / f"{image.stem}.png"
@@ -36,3 +36,16 @@ def folder_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> S
                                 name=f"{root.name} {split}")
     dataset.skipped += [(str(image), "no mask") for image, _ in orphans]
     return dataset
+
+
+def _class_names(path: Path) -> list[str]:
+    """One name per non-empty line; a name given twice would make two classes that cannot be told apart."""
+    lines = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            name = line.strip()
+            if name in lines:
+                raise DatasetError(f"{path} names {name!r} twice (lines {lines[name]} and {number}); every class "
+                                   f"needs a name of its own")
+            lines[name] = number
+    return list(lines)

@@ -40,6 +40,10 @@ class SyntheticShapes:
     def image_sizes(self) -> list[tuple[int, int]]:
         return [self.size] * self.num_samples
 
+    def fingerprint(self) -> str:
+        """The samples are a function of these."""
+        return f"synthetic {self.split} {self.num_samples} {self.size[0]}x{self.size[1]} seed {self.seed}"
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample {index} out of range for {self.num_samples} samples")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fcn_jax.errors import WeightsError
+from fcn_jax.errors import WeightsError, first_line
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -31,6 +31,9 @@ def from_numpy(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def load_file(path: Path) -> Mapping:
     """What a ``.pth``/``.pt``/``.bin`` file holds, read with ``torch.load(weights_only=True)``: plain
     tensors and containers only, so a malicious pickle cannot run code."""
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path} is empty (0 bytes): its download or save did not finish; download or save it "
+                           f"again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -41,7 +44,7 @@ def load_file(path: Path) -> Mapping:
                 f"torch.save(model.state_dict(), path)") from e
         raise WeightsError(f"{path} is not a PyTorch checkpoint or is corrupt; download or save it again") from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise WeightsError(f"could not read {path} as a PyTorch checkpoint ({str(e).splitlines()[0]}); the "
+        raise WeightsError(f"could not read {path} as a PyTorch checkpoint ({first_line(e)}); the "
                            f"file is truncated or corrupt: download or save it again") from e
 
 
