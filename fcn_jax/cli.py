@@ -12,7 +12,7 @@ import sys
 
 from fcn_jax import extras
 from fcn_jax.data import DATASETS
-from fcn_jax.errors import FcnJaxError
+from fcn_jax.errors import ConfigError, FcnJaxError
 from fcn_jax.models import ARCHS, BACKBONES
 from fcn_jax.training.config import add_config_arguments, parse_size
 from fcn_jax.xla_flags import use_fast_cpu_convolutions
@@ -36,17 +36,24 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from fcn_jax.training.config import explicit_overrides, resolve_config, resume_config
-    from fcn_jax.training.run import initialize_distributed, train
+    from fcn_jax.training.config import explicit_overrides, resolve_config
+    from fcn_jax.training.run import initialize_distributed, resume, train
+    from fcn_jax.training.stopping import EXIT_STOPPED, TrainingStopped
 
+    overrides = explicit_overrides(args)
+    if args.resume and args.preset:
+        raise ConfigError("--resume continues the run with its saved settings; --preset cannot change them")
+    config = None if args.resume else resolve_config(args.preset or "synthetic", **overrides)  # checked first
     if args.distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    overrides = explicit_overrides(args)
-    if args.resume:
-        config = resume_config(overrides.get("run_dir", "runs/fcn"), overrides)
-    else:
-        config = resolve_config(args.preset, **overrides)
-    train(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        if args.resume:
+            resume(overrides.pop("run_dir", "runs/fcn"), overrides, progress=not args.no_progress)
+        else:
+            train(config, progress=not args.no_progress)
+    except TrainingStopped as e:
+        print(f"fcn-jax: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 
@@ -64,7 +71,7 @@ def _cmd_predict(args) -> int:
 
     run_predict(args.weights, args.inputs, args.output, overlay=args.overlay, index_png=args.index_png,
                 save_logits=args.logits, normalization=args.normalization, batch_size=args.batch_size,
-                skip_bad=args.skip_bad_samples, progress=not args.no_progress)
+                max_side=args.max_side, skip_bad=args.skip_bad_samples, progress=not args.no_progress)
     return 0
 
 
@@ -156,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="default: the run's validation split, else val")
     p.add_argument("--normalization", choices=("imagenet", "reference"), help="default: the run's, else imagenet")
     p.add_argument("--output", help="write OUTPUT.json (metrics, per-class IoU, confusion matrix) and "
-                                    "OUTPUT_confusion.png")
+                                    "OUTPUT_confusion.png; a folder (or a path ending in /) gets metrics.json and "
+                                    "confusion.png inside")
     _add_batch_options(p)
     p.set_defaults(func=_cmd_evaluate)
 
@@ -170,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits", action="store_true", help="also NAME_logits.npy: float32 (H, W, C)")
     p.add_argument("--normalization", choices=("imagenet", "reference"), default="imagenet",
                    help="as in training (a run directory's own setting wins)")
+    p.add_argument("--max-side", type=int, metavar="N",
+                   help="predict images whose longer side exceeds N at that size and scale the results back "
+                        "(bounds the memory a large photo needs; predict says when it is needed)")
     _add_batch_options(p)
     p.set_defaults(func=_cmd_predict)
 

@@ -4,17 +4,28 @@ record (step, best mean IoU so far, last metrics, the resolved config).
 One ``CheckpointManager`` under ``RUN_DIR/checkpoints`` keeps the latest ``keep`` checkpoints plus
 the one with the best validation mean IoU. Orbax writes each checkpoint to a temporary directory and
 renames it when complete, so a run killed mid-save leaves the previous checkpoints intact (and the
-temporary directory is cleaned up on the next start).
+temporary directory is cleaned up on the next start, which holds the folder's lock by then). A checkpoint
+that does not restore (a truncated file, a damaged record) is skipped for the newest one that does, and moved
+to ``RUN_DIR/damaged_checkpoints/`` so that the resumed run can write that step again.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
+import logging
+import os
+import sys
+import time
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
+
+from fcn_jax.errors import RunError, first_line, root_cause
 
 
 class RunCheckpoints:
@@ -25,7 +36,8 @@ class RunCheckpoints:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=preserve, create=True,
                                                cleanup_tmp_directories=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -42,12 +54,86 @@ class RunCheckpoints:
     def restore(self, step: int, model, optimizer) -> tuple[dict, dict]:
         """Load ``step`` into ``model`` and ``optimizer`` (keeping their shardings); returns the
         data-iterator state and the info saved with it."""
+        for item in ("data", "info"):  # orbax's own error for a damaged record does not say which file it is
+            record = self.directory / str(step) / item / "metadata"
+            try:
+                json.loads(record.read_text())
+            except (OSError, ValueError) as e:
+                raise RunError(f"{record} is not a readable JSON record ({first_line(e)})") from None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state((model, optimizer)))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(), info=ocp.args.JsonRestore()))
         nnx.update((model, optimizer), restored["state"])
         return restored["data"], restored["info"]
 
+    def restore_newest(self, model, optimizer) -> tuple[int, dict, dict, list[tuple[int, str]]]:
+        """Restore the newest checkpoint that restores: ``(step, data state, info, skipped)``, ``skipped``
+        naming each newer checkpoint that failed and why. A RunError lists them all when none restores."""
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                data, info = self.restore(step, model, optimizer)
+            except Exception as e:  # whatever orbax or tensorstore raise for a damaged checkpoint
+                _mute_aborted_restore_reports()
+                skipped.append((step, first_line(root_cause(e))))
+                continue
+            self._set_aside([failed for failed, _ in skipped])
+            return step, data, info, skipped
+        failed = "; ".join(f"checkpoint {step}: {why}" for step, why in skipped)
+        raise RunError(f"no checkpoint in {self.manager.directory} could be restored ({failed}); start a new run, "
+                       f"or seed one from the run's weights with --init-weights")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged checkpoints out of the manager's way (process 0; every process waits for it)."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.parent / "damaged_checkpoints"
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                os.replace(self.directory / str(step), aside / f"{step}-set-aside-{int(time.time())}")
+        multihost_utils.sync_global_devices("fcn-jax: damaged checkpoints set aside")
+        self.manager.reload()
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # on errors too: an unclosed manager's thread prints a traceback at interpreter exit
+
+
+_NOISE = ("Encountered error while reading array index", "Event loop is closed", "OUT_OF_RANGE")
+
+
+def _is_restore_noise(error: BaseException | None) -> bool:
+    return error is not None and any(text in str(error) for text in _NOISE)
+
+
+def _mute_aborted_restore_reports() -> None:
+    """After orbax gave up on a damaged checkpoint, the reads it left in flight, its coroutines and futures
+    report the same error again as they finish or are collected, through Python's unraisable hook,
+    ``sys.excepthook`` (tensorstore's callbacks into a closed event loop) and the asyncio logger: thousands of
+    lines for one damaged file, for as long as the process lives. From the first failed restore on, exactly
+    those reports are dropped (the failure is reported once, in one line); everything else passes through."""
+    if getattr(sys.unraisablehook, "fcn_jax_restore_filter", False):
+        return
+    unraisable_hook, except_hook = sys.unraisablehook, sys.excepthook
+
+    def unraisable(report):
+        if not _is_restore_noise(report.exc_value):
+            unraisable_hook(report)
+
+    def excepthook(kind, value, traceback):
+        if not _is_restore_noise(value):
+            except_hook(kind, value, traceback)
+
+    unraisable.fcn_jax_restore_filter = True
+    sys.unraisablehook, sys.excepthook = unraisable, excepthook
+    atexit.register(time.sleep, 0.5)  # reads still in flight at exit would report after the hooks are gone
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (_is_restore_noise(record.exc_info[1] if record.exc_info else None)
+                            or _is_restore_noise(record.getMessage())))

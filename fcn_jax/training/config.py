@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from fcn_jax import runs
@@ -18,8 +19,38 @@ from fcn_jax.training.losses import LOSSES
 from fcn_jax.training.optim import OPTIMIZERS, SCHEDULES
 
 
-def _field(default, help: str, **kw):
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
+def _field(default, help: str, *, check=None, **kw):
+    """A config field: its ``--flag`` help, argparse details (``choices``, ``kind``), and ``check``, a function
+    of the value that returns what is wrong with it (or None); see :meth:`TrainConfig.__post_init__`."""
+    return dataclasses.field(default=default, metadata={"help": help, "check": check, **kw})
+
+
+def _above(bound):
+    return lambda v: None if v > bound else f"must be > {bound:g}"  # False for NaN too
+
+
+def _at_least(bound):
+    return lambda v: None if v >= bound else f"must be >= {bound:g}"
+
+
+def _fraction(v):
+    return None if 0 <= v < 1 else "must be in [0, 1)"
+
+
+def _label_value(v):
+    return None if 0 <= v <= 255 else "must be in [0, 255] (masks are 8-bit)"
+
+
+def _scale_range(v):
+    return None if len(v) == 2 and 0 < v[0] <= v[1] < math.inf else "takes MIN,MAX with 0 < MIN <= MAX"
+
+
+def _positive_size(v):
+    return None if all(x > 0 for x in v) else "must be positive"
+
+
+def _class_weights(v):
+    return None if all(math.isfinite(x) and x >= 0 for x in v) else "must be >= 0 and finite"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +63,16 @@ class TrainConfig:
     val_split: str = _field("val", "split to validate on (voc: val, seg11valid)")
     skip_bad_samples: bool = _field(False, "check every sample first and leave out unreadable or invalid ones "
                                            "(counted at the end) instead of stopping at the first")
-    synthetic_size: int = _field(64, "synthetic images are SIZE x SIZE")
-    synthetic_train: int = _field(2000, "number of synthetic training images")
-    synthetic_val: int = _field(200, "number of synthetic validation images")
-    crop: tuple | None = _field(None, "random crop HxW for training (None: whole images)", kind="size")
-    scale: tuple = _field((1.0, 1.0), "random scale range MIN,MAX for training", kind="floats")
+    synthetic_size: int = _field(64, "synthetic images are SIZE x SIZE", check=_at_least(1))
+    synthetic_train: int = _field(2000, "number of synthetic training images", check=_at_least(1))
+    synthetic_val: int = _field(200, "number of synthetic validation images", check=_at_least(1))
+    crop: tuple | None = _field(None, "random crop HxW for training (None: whole images)", kind="size",
+                                check=_positive_size)
+    scale: tuple = _field((1.0, 1.0), "random scale range MIN,MAX for training", kind="floats", check=_scale_range)
     hflip: bool = _field(True, "random horizontal flips for training")
     normalization: str = _field("imagenet", "imagenet (RGB mean/std) or reference (BGR mean subtraction)",
                                 choices=("imagenet", "reference"))
-    workers: int = _field(2, "data loading threads")
+    workers: int = _field(2, "data loading threads", check=_at_least(0))
     # model
     arch: str = _field("fcns", "FCN variant", choices=ARCHS)
     backbone: str = _field("vgg11", "VGG depth", choices=BACKBONES)
@@ -54,28 +86,37 @@ class TrainConfig:
     # objective and optimisation
     loss: str = _field("cross_entropy", "cross_entropy (softmax, paper) or bce (one-hot BCE, reference)",
                        choices=LOSSES)
-    ignore_index: int = _field(255, "label value excluded from loss and metrics")
-    class_weights: tuple | None = _field(None, "per-class loss weights W0,W1,...", kind="floats")
+    ignore_index: int = _field(255, "label value excluded from loss and metrics", check=_label_value)
+    class_weights: tuple | None = _field(None, "per-class loss weights W0,W1,...", kind="floats", check=_class_weights)
     optimizer: str = _field("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float = _field(1e-3, "peak learning rate")
-    momentum: float = _field(0.9, "SGD/RMSprop momentum")
+    lr: float = _field(1e-3, "peak learning rate", check=_above(0))
+    momentum: float = _field(0.9, "SGD/RMSprop momentum", check=_fraction)
     nesterov: bool = _field(False, "Nesterov momentum (SGD)")
-    weight_decay: float = _field(1e-4, "L2 (SGD, RMSprop) or decoupled (AdamW) weight decay")
+    weight_decay: float = _field(1e-4, "L2 (SGD, RMSprop) or decoupled (AdamW) weight decay", check=_at_least(0))
     schedule: str = _field("cosine", "learning-rate schedule", choices=SCHEDULES)
-    warmup_steps: int = _field(30, "linear warm-up steps")
-    step_epochs: int = _field(50, "step schedule: decay every this many epochs")
-    gamma: float = _field(0.5, "step schedule: decay factor")
-    power: float = _field(0.9, "poly schedule: exponent")
-    epochs: int = _field(3, "training epochs")
-    batch_size: int = _field(16, "global batch size (split over all devices and processes)")
-    seed: int = _field(0, "seed of the initialisation, data order and augmentation")
+    warmup_steps: int = _field(30, "linear warm-up steps", check=_at_least(0))
+    step_epochs: int = _field(50, "step schedule: decay every this many epochs", check=_at_least(1))
+    gamma: float = _field(0.5, "step schedule: decay factor", check=_above(0))
+    power: float = _field(0.9, "poly schedule: exponent", check=_above(0))
+    epochs: int = _field(3, "training epochs", check=_at_least(1))
+    batch_size: int = _field(16, "global batch size (split over all devices and processes)", check=_at_least(1))
+    seed: int = _field(0, "seed of the initialisation, data order and augmentation", check=_at_least(0))
     # run
     run_dir: str = _field("runs/fcn", "where checkpoints, logs and pictures go")
-    eval_every_epochs: int = _field(1, "validate every N epochs (and at the end)")
-    log_every_steps: int = _field(10, "write metrics every N steps")
-    checkpoint_every_steps: int = _field(100, "checkpoint every N steps (and after every validation)")
-    keep_checkpoints: int = _field(2, "latest checkpoints kept (the best one is kept too)")
-    overlays: int = _field(4, "validation images drawn with their predictions at the end")
+    eval_every_epochs: int = _field(1, "validate every N epochs (and at the end)", check=_at_least(1))
+    log_every_steps: int = _field(10, "write metrics every N steps", check=_at_least(1))
+    checkpoint_every_steps: int = _field(100, "checkpoint every N steps, 0: only at the end of each epoch (there is "
+                                              "always one then)", check=_at_least(0))
+    keep_checkpoints: int = _field(2, "latest checkpoints kept (the best one is kept too)", check=_at_least(1))
+    overlays: int = _field(4, "validation images drawn with their predictions at the end", check=_at_least(0))
+
+    def __post_init__(self):
+        """Every field's ``check``: a value that makes no sense is refused here, before anything runs."""
+        for f in dataclasses.fields(self):
+            value, check = getattr(self, f.name), f.metadata["check"]
+            problem = check(value) if check and value is not None else None
+            if problem:
+                raise ConfigError(f"--{f.name.replace('_', '-')} {problem}, got {_shown(f, value)}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -87,6 +128,15 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _shown(f: dataclasses.Field, value) -> str:
+    """``value`` as it is written on the command line."""
+    if f.metadata.get("kind") == "size":
+        return "x".join(str(v) for v in value)
+    if f.metadata.get("kind") == "floats":
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 PRESETS: dict[str, dict] = {
@@ -123,8 +173,8 @@ def _parse_floats(text: str) -> tuple[float, ...]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``--FIELD`` for every TrainConfig field; defaults are None so explicit flags can be told apart."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="synthetic",
-                        help="start from a named recipe (default: synthetic)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="start from a named recipe (default: synthetic); not with --resume")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.metadata.get("kind")
@@ -152,14 +202,21 @@ def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[preset], **overrides})
 
 
+RESUME_MAY_CHANGE = ("lr",)  # e.g. lower after a NaN stop; everything else would make it another run
+
+
 def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
-    """The saved config of the run in ``run_dir``; explicit settings must agree with it."""
+    """The saved config of the run in ``run_dir``, with the learning rate of ``overrides`` if it has one;
+    other explicit settings must agree with the run's."""
     path = Path(run_dir) / runs.CONFIG
     if not path.is_file():
         raise RunError(f"nothing to resume in {run_dir}: it has no {runs.CONFIG} (start without --resume)")
     saved = TrainConfig.from_json(path.read_text())
     differing = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})" for k, v in overrides.items()
-                 if k != "run_dir" and getattr(saved, k) != v]
+                 if k not in ("run_dir", *RESUME_MAY_CHANGE) and getattr(saved, k) != v]
     if differing:
-        raise ConfigError("--resume continues a run with its saved settings, but these differ: " + ", ".join(differing))
-    return dataclasses.replace(saved, run_dir=str(run_dir))
+        may_change = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
+        raise ConfigError("--resume continues a run with its saved settings, but these differ: "
+                          + ", ".join(differing) + f" (only {may_change} may change)")
+    changes = {k: overrides[k] for k in RESUME_MAY_CHANGE if k in overrides}
+    return dataclasses.replace(saved, run_dir=str(run_dir), **changes)

@@ -1,14 +1,20 @@
-"""The training program behind ``fcn-jax train``: data, model, compiled step, evaluation,
-checkpoints and reports, resumable to the bit.
+"""The training program behind ``fcn-jax train``: data, model, compiled step, evaluation, checkpoints and
+reports, resumable to the bit.
 
-Only process 0 logs and writes files (orbax coordinates the checkpoint writes of all processes).
+Only process 0 logs and writes files (orbax coordinates the checkpoint writes of all processes). What a run
+guarantees (the README's "Reliability"): one run per folder (:mod:`~fcn_jax.training.lock`, taken before
+anything in the folder is touched); SIGTERM and Ctrl-C stop after the current step with a checkpoint of it
+(:mod:`~fcn_jax.training.stopping`); resuming skips a damaged checkpoint for the newest one that restores and
+refuses a training split that changed; nothing non-finite is ever checkpointed; a full disk stops the run in
+one line with the last complete checkpoint intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
-import logging
 import math
 import sys
 import time
@@ -23,21 +29,21 @@ from fcn_jax import runs
 from fcn_jax.data import Augment, Loader, get_dataset
 from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.drawing import overlay_panel, plot_learning_curve
-from fcn_jax.errors import ConfigError, RunError, TrainingDiverged
+from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
 from fcn_jax.evaluation import confusion_over
 from fcn_jax.metrics import metrics_table, segmentation_metrics
 from fcn_jax.models import create_model
 from fcn_jax.prediction import predict
 from fcn_jax.sharding import host_array, make_mesh, replicate_state, shard_batch
 from fcn_jax.training.checkpoint import RunCheckpoints
-from fcn_jax.training.config import TrainConfig
+from fcn_jax.training.config import TrainConfig, resume_config
+from fcn_jax.training.lock import hold_run_folder
 from fcn_jax.training.losses import get_loss
 from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.reporting import MetricsLog
 from fcn_jax.training.step import train_step, trainable
+from fcn_jax.training.stopping import StopRequests, TrainingStopped
 from fcn_jax.weights import load_weights, save_weights
-
-log = logging.getLogger("fcn_jax")
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -52,6 +58,23 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Train as ``config`` says; returns the last validation metrics. With ``resume``, continue the run in
+    ``config.run_dir`` from its newest checkpoint that restores (the config must be the run's own; see
+    :func:`resume`). Raises :class:`~fcn_jax.training.stopping.TrainingStopped` after a stop request."""
+    with hold_run_folder(config.run_dir):
+        return _train(config, resume, progress)
+
+
+def resume(run_dir: str, overrides: dict | None = None, *, progress: bool = True) -> dict:
+    """Continue the run in ``run_dir`` with its saved settings; ``overrides`` may change the learning rate
+    (``lr``), anything else must agree with the run's settings."""
+    if not Path(run_dir).is_dir():
+        raise RunError(f"nothing to resume: {run_dir} does not exist; start without --resume")
+    with hold_run_folder(run_dir):
+        return _train(resume_config(run_dir, overrides or {}), True, progress)
+
+
 def _load_init_weights(model, config: TrainConfig) -> None:
     for target, path, what in ((model, config.init_weights, "--init-weights"),
                                (model.backbone, config.backbone_weights, "--backbone-weights")):
@@ -64,18 +87,89 @@ def _load_init_weights(model, config: TrainConfig) -> None:
         load_weights(target, path)
 
 
-def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Train as ``config`` says; returns the last validation metrics. With ``resume``, continue the
-    run in ``config.run_dir`` from its latest checkpoint (the config must be the run's own)."""
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """The complete checkpoints in the folder, read from the file system (orbax names them by step and
+    writes them under temporary names until they are complete)."""
+    folder = run_dir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def _remove_half_written(run_dir: Path) -> None:
+    """Temporary files that a killed run left behind (``.best.safetensors.tmp-PID``); the lock says that no
+    live run writes here."""
+    leftovers = sorted(run_dir.glob(".*.tmp-*"))
+    for path in leftovers:
+        path.unlink()
+    if leftovers:
+        print(f"note: removed {len(leftovers)} half-written file(s) of an earlier run: "
+              f"{', '.join(p.name for p in leftovers)}")
+
+
+def _fingerprint(dataset) -> dict:
+    """What identifies a split's samples: their number and, where the dataset can say, a digest of them."""
+    return {"samples": len(dataset), "digest": dataset.fingerprint() if hasattr(dataset, "fingerprint") else None}
+
+
+def _check_same_data(saved: dict | None, now: dict) -> None:
+    for role, name in (("train", "training"), ("val", "validation")):
+        before, after = (saved or {}).get(role), now[role]
+        if before and before != after:
+            what = (f"{before['samples']} -> {after['samples']} samples" if before["samples"] != after["samples"]
+                    else "the same number of samples, but other files")
+            raise DatasetError(f"the {name} split changed since the run started ({what}): resuming would not "
+                               f"continue the same run. Restore the split as it was, or start a new run from this "
+                               f"one's weights with --init-weights")
+
+
+def _check_classes_used(dataset, ignore_index: int) -> None:
+    """A folder dataset whose masks hold one class besides the ignore label trains nothing (binary masks
+    saved as 0/255, with 255 meant as the object)."""
+    used = dataset.label_values()
+    classes = used - {ignore_index}
+    if dataset.num_classes >= 2 and len(classes) <= 1 and ignore_index in used:
+        only = ", ".join(f"{c} ({dataset.class_names[c]!r})" for c in sorted(classes)) or "none"
+        raise DatasetError(
+            f"the train split's masks hold only class {only} and {ignore_index}, the ignore label: the other "
+            f"classes would never be trained. If {ignore_index} marks objects (binary masks saved as "
+            f"0/{ignore_index}), remap it to class 1 in the mask files (the README's 'Binary masks' shows how), or "
+            f"give the masks' real ignore value with --ignore-index")
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) \
+                or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _writing(path: Path, run_dir: Path):
+    """A full disk while writing ``path`` becomes one line with the fix (the writers never leave a partial file)."""
+    try:
+        yield
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        kept = _checkpoint_steps(run_dir)
+        resume_from = (f"continue with `fcn-jax train --resume --run-dir {run_dir}` (its last complete checkpoint, "
+                       f"step {kept[-1]}, is intact)" if kept else "start the run again")
+        raise RunError(f"no space left on the device while writing {path}: free some space, then {resume_from}") \
+            from e
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
     run_dir = Path(config.run_dir).absolute()
     is_main = jax.process_index() == 0
-    checkpoints = RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if resume and latest is None:
+    if is_main:
+        _remove_half_written(run_dir)
+    existing = _checkpoint_steps(run_dir)
+    if resume and not existing:
         raise RunError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-    if not resume and latest is not None:
-        raise RunError(f"{run_dir} already holds a run (checkpoint at step {latest}): continue it with --resume "
-                          f"or choose another --run-dir")
+    if not resume and existing:
+        raise RunError(f"{run_dir} already holds a run (checkpoint at step {existing[-1]}): continue it with "
+                       f"--resume or choose another --run-dir")
     if config.batch_size % jax.device_count():
         raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
 
@@ -83,6 +177,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
                                   synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
                                   synthetic_samples=config.synthetic_train if role == "train" else config.synthetic_val)
                 for role, split in (("train", config.train_split), ("val", config.val_split))}
+    if config.dataset == "folder":
+        _check_classes_used(datasets["train"], config.ignore_index)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, workers=config.workers,
                           normalization=config.normalization,
@@ -93,6 +189,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if config.class_weights is not None and len(config.class_weights) != num_classes:
         raise ConfigError(f"--class-weights has {len(config.class_weights)} values; the dataset has "
                           f"{num_classes} classes")
+    fingerprints = {role: _fingerprint(ds) for role, ds in datasets.items()}
 
     model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
                          seed=config.seed, dtype=jnp.dtype(config.dtype))
@@ -109,86 +206,122 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     loss_fn = functools.partial(get_loss(config.loss), ignore_index=config.ignore_index,
                                 class_weights=config.class_weights)
 
-    step, best, metrics = 0, {"mean_iou": -1.0, "step": None}, None
-    if resume:
-        data_state, info = checkpoints.restore(latest, model, optimizer)
-        train_loader.restore(data_state)
-        step, best, metrics = info["step"], info["best"], info.get("metrics")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / runs.CONFIG).write_text(config.to_json())
-    reports = MetricsLog(run_dir) if is_main else None
-    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
-               desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
-    last_time, last_step = time.perf_counter(), step
+    with RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints) as checkpoints:  # cleans orbax's leftovers
+        step, best, metrics = 0, {"mean_iou": -1.0, "step": None}, None
+        if resume:
+            step, data_state, info, skipped = checkpoints.restore_newest(model, optimizer)
+            _check_same_data(info.get("data"), fingerprints)
+            train_loader.restore(data_state)
+            best, metrics = info["best"], info.get("metrics")
+            if is_main:
+                for failed, why in skipped:
+                    print(f"note: skipped checkpoint {failed}, which does not restore ({why}); it is in "
+                          f"{run_dir / 'damaged_checkpoints'} now")
+                print(f"note: resumed from step {step}")
+        if is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / runs.CONFIG).write_text(config.to_json())
+        reports = MetricsLog(run_dir) if is_main else None
+        bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
+                   desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
+        last_time, last_step = time.perf_counter(), step
 
-    def diverged(what: str) -> TrainingDiverged:
-        bar.close()
-        kept = checkpoints.latest_step()
-        where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
-            else "no checkpoint had been written yet"
-        return TrainingDiverged(f"{what} at step {step} (epoch {train_loader.epoch + 1}); stopped without saving, "
-                                f"{where}. Lower --lr or check the data, then run again (with --resume to continue "
-                                f"from that checkpoint)")
+        def diverged(what: str) -> TrainingDiverged:
+            bar.close()
+            kept = checkpoints.latest_step()
+            where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
+                else "no checkpoint had been written yet"
+            lower = f"{config.lr / 10:g}"
+            advice = (f"Lower the learning rate and continue from that checkpoint: "
+                      f"fcn-jax train --resume --run-dir {run_dir} --lr {lower}" if kept is not None
+                      else f"Check the data, or start again with a lower learning rate (e.g. --lr {lower})")
+            return TrainingDiverged(f"{what} at step {step} (epoch {train_loader.epoch + 1}); stopped without saving, "
+                                    f"{where}. {advice}")
 
-    def save(metrics_for_best=None):
-        # The loss is computed before each update, so check the updated parameters before keeping them.
-        if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
-            raise diverged("the parameters became NaN or infinite")
-        checkpoints.save(step, model, optimizer, train_loader.state(),
-                         {"step": step, "best": best, "metrics": metrics, "config": dataclasses.asdict(config)},
-                         metrics=metrics_for_best)
+        def save(metrics_for_best=None):
+            # The loss is computed before each update, so check the updated parameters before keeping them.
+            if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
+                raise diverged("the parameters became NaN or infinite")
+            with _writing(run_dir / "checkpoints" / str(step), run_dir):
+                checkpoints.save(step, model, optimizer, train_loader.state(),
+                                 {"step": step, "best": best, "metrics": metrics, "config": dataclasses.asdict(config),
+                                  "data": fingerprints}, metrics=metrics_for_best)
 
-    while train_loader.epoch < config.epochs:
-        for batch in train_loader:
-            batch = shard_batch(batch, mesh)
-            loss = float(host_array(train_step(model, optimizer, batch["image"], batch["label"], loss_fn)))
-            step += 1
-            if not math.isfinite(loss):
-                raise diverged(f"the loss became {loss}")
-            bar.update(1)
-            if step % config.log_every_steps == 0 or step == total_steps:
-                now = time.perf_counter()
-                rate = (step - last_step) * config.batch_size / (now - last_time)
-                last_time, last_step = now, step
-                bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
-                if reports:
-                    reports.write("train", step, {"loss": loss, "lr": float(schedule(step)), "images_per_s": rate,
-                                                  "epoch": train_loader.epoch + train_loader.batch / len(train_loader)})
-            end_of_epoch = train_loader.batch == len(train_loader)
-            if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not end_of_epoch:
+        def stopped() -> TrainingStopped:
+            bar.close()
+            if checkpoints.latest_step() != step:
                 save()
-        epoch = train_loader.epoch
-        if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-            conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
-            metrics = segmentation_metrics(conf, class_names)
-            if metrics["mean_iou"] > best["mean_iou"]:
-                best = {"mean_iou": metrics["mean_iou"], "step": step}
-                if is_main:
-                    save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
-            bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU {metrics['mean_iou']:.4f}  "
-                      f"pixel accuracy {metrics['pixel_acc']:.4f}")
-            if reports:
-                reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
-                                            **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
-            save({"mean_iou": metrics["mean_iou"]})
-        else:
-            save()
-    bar.close()
-    checkpoints.close()
+            where = f"epoch {train_loader.epoch + 1}, batch {train_loader.batch} of {len(train_loader)}"
+            again = f"fcn-jax train --resume --run-dir {run_dir}" + (" --distributed" * (jax.process_count() > 1))
+            return TrainingStopped(f"stopped at step {step} ({where}) on {stop.reason}: wrote the checkpoint of step "
+                                   f"{step} to {run_dir / 'checkpoints'}. Resume with: {again}")
+
+        with StopRequests() as stop:
+            while train_loader.epoch < config.epochs:
+                for batch in train_loader:
+                    batch = shard_batch(batch, mesh)
+                    loss = float(host_array(train_step(model, optimizer, batch["image"], batch["label"], loss_fn)))
+                    step += 1
+                    if not math.isfinite(loss):
+                        raise diverged(f"the loss became {loss}")
+                    bar.update(1)
+                    if step % config.log_every_steps == 0 or step == total_steps:
+                        now = time.perf_counter()
+                        rate = (step - last_step) * config.batch_size / (now - last_time)
+                        last_time, last_step = now, step
+                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                        if reports:
+                            epochs = train_loader.epoch + train_loader.batch / len(train_loader)
+                            reports.write("train", step, {"loss": loss, "lr": float(schedule(step)),
+                                                          "images_per_s": rate, "epoch": epochs})
+                    end_of_epoch = train_loader.batch == len(train_loader)
+                    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not end_of_epoch:
+                        save()
+                    if stop.requested(step) and not end_of_epoch:
+                        raise stopped()
+                epoch = train_loader.epoch
+                if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+                    conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
+                    metrics = segmentation_metrics(conf, class_names)
+                    improved = metrics["mean_iou"] > best["mean_iou"]
+                    if improved:
+                        best = {"mean_iou": metrics["mean_iou"], "step": step}
+                    bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU "
+                              f"{metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}")
+                    if reports:
+                        reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
+                                                    **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
+                    save({"mean_iou": metrics["mean_iou"]})
+                    if improved and is_main:
+                        with _writing(run_dir / runs.BEST_WEIGHTS, run_dir):
+                            save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
+                else:
+                    save()
+                if stop.requested(step) and train_loader.epoch < config.epochs:
+                    raise stopped()
+        bar.close()
     if is_main:
-        save_weights(model, run_dir / runs.FINAL_WEIGHTS, **labels)
-        plot_learning_curve(reports.records(), run_dir / "learning_curve.png")
-        _write_overlays(model, datasets["val"], config, run_dir / "predictions")
-        reports.close()
-        print(f"\nvalidation after {step} steps (best mean IoU {best['mean_iou']:.4f} at step {best['step']}):")
-        print(metrics_table(metrics))
-        skipped = [s for d in datasets.values() for s in getattr(d, "skipped", [])]
-        if skipped:
-            print(f"\nskipped {len(skipped)} bad sample(s) (--skip-bad-samples), e.g. {skipped[0][0]}: {skipped[0][1]}")
-        print(f"\nrun directory: {run_dir}")
+        _write_results(model, config, datasets, labels, reports, metrics, best, step)
     return metrics
+
+
+def _write_results(model, config: TrainConfig, datasets: dict, labels: dict, reports: MetricsLog, metrics: dict,
+                   best: dict, step: int) -> None:
+    """What a finished run leaves besides its checkpoints (process 0): the final weights, the learning curve,
+    prediction overlays and the closing table."""
+    run_dir = Path(config.run_dir).absolute()
+    with _writing(run_dir / runs.FINAL_WEIGHTS, run_dir):
+        save_weights(model, run_dir / runs.FINAL_WEIGHTS, **labels)
+    plot_learning_curve(reports.records(), run_dir / "learning_curve.png")
+    _write_overlays(model, datasets["val"], config, run_dir / "predictions")
+    reports.close()
+    print(f"\nvalidation after {step} steps (best mean IoU {best['mean_iou']:.4f} at step {best['step']}):")
+    print(metrics_table(metrics))
+    skipped = [s for d in datasets.values() for s in getattr(d, "skipped", [])]
+    if skipped:
+        print(f"\nskipped {len(skipped)} bad sample(s) (--skip-bad-samples), e.g. {skipped[0][0]}: {skipped[0][1]}")
+    print(f"\nrun directory: {run_dir}")
 
 
 def _write_overlays(model, dataset, config: TrainConfig, folder: Path) -> None:

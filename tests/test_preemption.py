@@ -1,0 +1,140 @@
+"""A real training process told to stop (SIGTERM from a scheduler, Ctrl-C from a user) finishes its step,
+writes a checkpoint of it, says how to resume and exits with 75; resuming ends bit-identical to a run that
+was never interrupted. Single process and two processes (jax.distributed on localhost)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_STOPPED = 75
+SMALL = ["--no-progress", "--synthetic-size", "32", "--synthetic-train", "96", "--synthetic-val", "32",
+         "--batch-size", "8", "--epochs", "2", "--checkpoint-every-steps", "100", "--workers", "1",
+         "--overlays", "0", "--log-every-steps", "1"]
+
+pytestmark = pytest.mark.slow
+
+
+def _env(devices: int = 1) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _train(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "fcn_jax.cli", "train", "--run-dir", str(run_dir), *SMALL, *extra]
+
+
+def _final(run_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(run_dir / "final.safetensors")
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc, timeout=600) -> None:
+    """Until metrics.jsonl has logged ``step`` (training is under way, mid-epoch)."""
+    deadline = time.time() + timeout
+    log = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and f'"step": {step},' in log.read_text():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training never reached step {step}")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_train(run_dir), env=_env(), check=True, capture_output=True, timeout=600)
+    return _final(run_dir)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path, sig):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train(run_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 3, proc)  # mid-epoch: an epoch is 12 steps, checkpoints only every 100
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    stopped = steps[-1]
+    assert 3 <= stopped < 12, steps  # the step in progress, not an epoch end
+    text = out + err
+    assert f"stopped at step {stopped}" in text and f"checkpoint of step {stopped}" in text
+    assert f"fcn-jax train --resume --run-dir {run_dir}" in text
+    resumed = subprocess.run(_train(run_dir, "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same(straight, _final(run_dir))
+
+
+def test_a_second_ctrl_c_exits_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train(run_dir, "--epochs", "50"), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(run_dir, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    seen = [proc.stderr.readline()]
+    while seen[-1] and "SIGINT received" not in seen[-1]:  # Python folds signals that arrive within one step
+        seen.append(proc.stderr.readline())
+    proc.send_signal(signal.SIGINT)
+    start = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - start < 10
+    err = "".join(seen) + err
+    assert proc.returncode == 130 and "second Ctrl-C" in err and "Traceback" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
+    coordinator = f"127.0.0.1:{_free_port()}"
+    return [subprocess.Popen(_train(run_dir, "--distributed", "--coordinator", coordinator, "--num-processes", "2",
+                                    "--process-id", str(pid), *extra),
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for pid in range(2)]
+
+
+def _finish(procs) -> list[tuple[int, str]]:
+    try:
+        results = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out + err) for p, (out, err) in zip(procs, results, strict=True)]
+
+
+def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    for code, text in _finish(_two_processes(straight_dir)):
+        assert code == 0, text[-3000:]
+    procs = _two_processes(run_dir)
+    _wait_for_step(run_dir, 3, procs[0])
+    procs[1].send_signal(signal.SIGTERM)  # a scheduler may tell one host first: both must stop together
+    results = _finish(procs)
+    for code, text in results:
+        assert code == EXIT_STOPPED, text[-3000:]
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(f"stopped at step {steps[-1]}" in text for _, text in results), [t[-500:] for _, t in results]
+    for code, text in _finish(_two_processes(run_dir, "--resume")):
+        assert code == 0, text[-3000:]
+    _assert_same(_final(straight_dir), _final(run_dir))
