@@ -8,6 +8,7 @@ accumulated on device. Training validates through :func:`confusion_over` too.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -67,6 +68,7 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
                  skip_bad: bool = False, progress: bool = True) -> dict:
     """Evaluate, print the table, and write ``OUTPUT.json`` and ``OUTPUT_confusion.png``. Settings
     left out come from the run's config when ``weights`` is a run directory."""
+    reports = _report_paths(output) if output else None
     path, run = resolve_weights(weights)
     run = run or {}
     dataset = dataset or run.get("dataset")
@@ -88,12 +90,21 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
         skipped = getattr(data, "skipped", [])
         if skipped:
             print(f"skipped {len(skipped)} bad sample(s), e.g. {skipped[0][0]}: {skipped[0][1]}")
-        if output:
-            out = Path(output)
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if reports:
+            json_path, picture = reports
+            json_path.parent.mkdir(parents=True, exist_ok=True)
             report = {"weights": str(path), "dataset": dataset, "split": split, "images": len(data),
                       "skipped": len(skipped), **metrics, "confusion_matrix": conf.tolist()}
-            out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-            plot_confusion(conf, data.class_names, out.with_name(out.stem + "_confusion.png"))
-            print(f"wrote {out.with_suffix('.json')} and {out.with_name(out.stem + '_confusion.png')}")
+            json_path.write_text(json.dumps(report, indent=2))
+            plot_confusion(conf, data.class_names, picture)
+            print(f"wrote {json_path} and {picture}")
     return metrics
+
+
+def _report_paths(output: str) -> tuple[Path, Path]:
+    """``--output``: a folder (existing, or written with a trailing slash) gets ``metrics.json`` and
+    ``confusion.png`` inside; anything else is a prefix for ``PREFIX.json`` and ``PREFIX_confusion.png``."""
+    out = Path(output)
+    if output.endswith(("/", os.sep)) or out.is_dir():
+        return out / "metrics.json", out / "confusion.png"
+    return out.with_suffix(".json"), out.with_name(out.stem + "_confusion.png")

@@ -107,3 +107,20 @@ def test_compare_loads_weights_files(torch, tmp_path):
 def test_compare_bad_arguments(torch, capsys, args, message):
     assert main(["compare", "--backbone", "vgg11", "--no-progress", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_comparing(torch, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare_module, "build_pair", lambda *a, **k: pytest.fail("compared before checking --json"))
+    assert main(["compare", *TINY, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+
+
+def test_compare_on_nan_weights_says_so(torch, tmp_path, capsys):
+    import jax.numpy as jnp
+
+    model = fcn_jax.create_model("fcn16s", num_classes=3, backbone="vgg11", batch_norm=True)
+    model.classifier.kernel[...] = jnp.full(model.classifier.kernel.shape, jnp.nan)
+    fcn_jax.save_weights(model, tmp_path / "nan.safetensors")
+    assert main(["compare", *TINY, "--weights", str(tmp_path / "nan.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "nan.safetensors: classifier.kernel holds NaN or infinite values" in err

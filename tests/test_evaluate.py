@@ -81,3 +81,14 @@ def test_train_on_a_folder_dataset_then_evaluate_the_run(folder_with_sizes, tmp_
     masks = fcn_jax.predict(fcn_jax.load_model(run / "best.safetensors"), [get_dataset(
         "folder", "val", data_dir=str(root))[4][0]])
     assert masks[0].shape == (20, 30)
+
+
+def test_an_output_folder_gets_the_reports_inside(folder_with_sizes, tmp_path, capsys):
+    root, weights = folder_with_sizes
+    out = tmp_path / "reports"
+    out.mkdir()
+    for target in (f"{out}/", str(out)):
+        assert main(["evaluate", str(weights), "--dataset", "folder", "--data-dir", str(root), "--split", "train",
+                     "--output", target, "--no-progress"]) == 0
+        assert (out / "metrics.json").is_file() and (out / "confusion.png").is_file()
+        assert not (tmp_path / "reports.json").exists()

@@ -63,3 +63,41 @@ def test_predict_command_writes_masks_overlays_indices_logits(weights, tmp_path,
     np.testing.assert_array_equal(np.load(out / "img1_logits.npy").argmax(-1), index)
     assert Image.open(out / "img1_overlay.png").width == 2 * 33 * (256 // 45)
     assert main(["predict", str(weights), str(tmp_path / "none*.png"), "--output", str(out)]) == 2
+
+
+def test_inputs_that_share_a_stem_get_outputs_of_their_own(weights, tmp_path, capsys):
+    images = _images()
+    for i, relative in enumerate(["a/x.png", "b/x.png", "b/x.jpg"]):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tmp_path / relative)
+    out = tmp_path / "out"
+    assert main(["predict", str(weights), str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(out),
+                 "--index-png", "--no-progress"]) == 0
+    written = sorted(p.name for p in out.glob("*_index.png"))
+    assert written == ["a_x_index.png", "b_x.jpg_index.png", "b_x.png_index.png"]
+    for name, image in zip(written, (images[0], images[2], images[1]), strict=True):
+        assert Image.open(out / name).size == (image.shape[1], image.shape[0])
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_work(weights, tmp_path, capsys, monkeypatch):
+    import fcn_jax.prediction as prediction
+
+    Image.fromarray(_images()[0]).save(tmp_path / "x.png")
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(prediction, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["predict", str(weights), str(tmp_path / "x.png"), "--output", str(tmp_path / "taken")]) == 2
+    assert "--output taken" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+
+
+def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path, capsys, monkeypatch):
+    import fcn_jax.prediction as prediction
+
+    Image.fromarray(np.zeros((400, 600, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(prediction, "available_memory", lambda: 50 * 2**20)  # 50 MiB left on this "machine"
+    assert main(["predict", str(weights), str(tmp_path / "big.png"), "--output", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "big.png (600x400) needs about" in err and "--max-side" in err
+    assert main(["predict", str(weights), str(tmp_path / "big.png"), "--output", str(tmp_path / "out"),
+                 "--max-side", "96", "--index-png", "--no-progress"]) == 0
+    assert Image.open(tmp_path / "out" / "big_index.png").size == (600, 400)  # scaled back to the image

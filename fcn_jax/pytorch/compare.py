@@ -191,7 +191,9 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
 
 
 def run_compare(*, json_path: str | os.PathLike | None = None, **kwargs) -> CompareResult:
-    """``fcn-jax compare``: print the report, write JSON if asked."""
+    """``fcn-jax compare``: print the report, write JSON if asked (the path is checked before the work)."""
+    if json_path and Path(json_path).is_dir():
+        raise ConfigError(f"--json {json_path} is a folder; give a file name, e.g. {Path(json_path) / 'compare.json'}")
     result = compare(**kwargs)
     print(format_report(result))
     if json_path:
