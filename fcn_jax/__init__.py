@@ -1,29 +1,37 @@
 """fcn-jax: Fully Convolutional Networks for semantic segmentation in JAX / Flax NNX.
 
 Images are NHWC float arrays; models return NHWC logits of the input's size. Importing the package
-changes no process state. PyTorch is only needed for ``.pth`` files and :mod:`fcn_jax.pytorch`.
+changes no process state and loads nothing heavy: each name below is imported from its module when first
+used (so that data-loading worker processes, which import :mod:`fcn_jax.data` only, start without JAX).
+PyTorch is only needed for ``.pth`` files and :mod:`fcn_jax.pytorch`.
 """
 
-from fcn_jax.conversion import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
-from fcn_jax.errors import (
-                            ConfigError,
-                            DatasetError,
-                            FcnJaxError,
-                            InputError,
-                            MissingExtraError,
-                            RunError,
-                            TrainingDiverged,
-                            WeightsError,
-)
-from fcn_jax.models import ARCHS, BACKBONES, FCN, VGGBackbone, create_model
-from fcn_jax.prediction import predict
-from fcn_jax.summary import summary
-from fcn_jax.weights import load_model, load_weights, save_weights
-from fcn_jax.xla_flags import use_fast_cpu_convolutions
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["ARCHS", "BACKBONES", "FCN", "ConfigError", "DatasetError", "FcnJaxError", "InputError",
-           "MissingExtraError", "RunError", "TrainingDiverged", "VGGBackbone", "WeightsError", "create_model",
-           "infer_config", "load_model", "load_torch_state_dict", "load_weights", "predict", "read_torch_state_dict",
-           "save_weights", "summary", "to_torch_state_dict", "use_fast_cpu_convolutions"]
+_HOMES = {
+    "fcn_jax.conversion": ("infer_config", "load_torch_state_dict", "read_torch_state_dict", "to_torch_state_dict"),
+    "fcn_jax.errors": ("ConfigError", "DatasetError", "FcnJaxError", "InputError", "MissingExtraError", "RunError",
+                       "TrainingDiverged", "WeightsError"),
+    "fcn_jax.models": ("ARCHS", "BACKBONES", "FCN", "VGGBackbone", "create_model"),
+    "fcn_jax.prediction": ("predict",),
+    "fcn_jax.summary": ("summary",),
+    "fcn_jax.weights": ("load_model", "load_weights", "save_weights"),
+    "fcn_jax.xla_flags": ("use_fast_cpu_convolutions",),
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'fcn_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.choices import ARCHS
 from fcn_jax.errors import ConfigError
 from fcn_jax.models.fcn import FCN, FCN8s, FCN16s, FCN32s, FCNs
 from fcn_jax.models.vgg import BACKBONES, CFGS, VGGBackbone, feature_ranges, torch_feature_indices
 
-MODELS: dict[str, type[FCN]] = {cls.arch: cls for cls in (FCN32s, FCN16s, FCN8s, FCNs)}
-ARCHS = tuple(MODELS)
+MODELS: dict[str, type[FCN]] = {cls.arch: cls for cls in (FCN32s, FCN16s, FCN8s, FCNs)}  # keyed as ARCHS
 
 
 def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = "vgg16",

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fcn_jax.choices import BACKBONES
 from fcn_jax.errors import ConfigError
 from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2
 
@@ -23,7 +24,6 @@ CFGS: dict[str, tuple] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }
-BACKBONES = tuple(CFGS)
 
 
 def check_backbone_name(name: str) -> tuple:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from fcn_jax.choices import LOSSES
 from fcn_jax.errors import ConfigError
-
-LOSSES = ("cross_entropy", "bce")
 
 
 def _prepare(logits, labels, ignore_index, class_weights):

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import optax
 
+from fcn_jax.choices import OPTIMIZERS, SCHEDULES
 from fcn_jax.errors import ConfigError
-
-OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-SCHEDULES = ("constant", "step", "poly", "cosine")
 
 
 def make_schedule(name: str, lr: float, *, total_steps: int, steps_per_epoch: int, warmup_steps: int = 0,

@@ -1,0 +1,11 @@
+"""The names the command line offers, importable without JAX, so that ``fcn-jax --help`` and the spawned
+data-loading workers (which import the main script again) start in a fraction of a second. The modules
+that implement them are keyed by these names; tests/test_architecture.py checks that they agree.
+"""
+
+ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcns")
+BACKBONES = ("vgg11", "vgg13", "vgg16", "vgg19")
+LOSSES = ("cross_entropy", "bce")
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("constant", "step", "poly", "cosine")
+NORMALIZATIONS = ("imagenet", "reference")
