@@ -35,3 +35,30 @@ def jax_twin(torch_model, arch, dtype=None):
     from fcn_jax.pytorch import parity
 
     return parity.jax_twin(torch_model, arch, dtype=dtype or jnp.float32)
+
+
+class TinyDataset:
+    """Picklable samples for worker-process tests: sample ``i`` is filled with ``i``; ``fail_at`` raises a
+    ValueError there, ``exit_at`` kills the process that loads it."""
+
+    num_classes, class_names, ignore_index = 3, ("a", "b", "c"), 255
+    palette = np.zeros((3, 3), np.uint8)
+
+    def __init__(self, n=24, size=8, fail_at=None, exit_at=None):
+        self.n, self.size, self.fail_at, self.exit_at = n, size, fail_at, exit_at
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise ValueError(f"cannot decode sample {i}")
+        if i == self.exit_at:
+            import os
+
+            os._exit(3)
+        image = np.full((self.size, self.size, 3), i % 256, np.uint8)
+        return image, np.full((self.size, self.size), i % 3, np.uint8)
+
+    def image_sizes(self):
+        return [(self.size, self.size)] * self.n

@@ -12,13 +12,15 @@ A dataset is any object with ``__len__``, ``__getitem__(i) -> (image uint8 (H, W
 
 from __future__ import annotations
 
-import concurrent.futures
+import collections
 import dataclasses
+import itertools
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
+from fcn_jax.data.workers import SampleWorkers, default_workers
 from fcn_jax.errors import ConfigError, DatasetError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -78,27 +80,60 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
                          f"{ignore_index}; check the mask files or the dataset's num_classes")
 
 
+class _TrainSample:
+    """The worker task of :class:`Loader`: ``(index, epoch)`` -> one augmented, checked sample (``index``
+    None: a padding copy of sample 0 whose label is all ignored)."""
+
+    def __init__(self, dataset, seed: int, augment: Augment | None, normalization: str | None):
+        self.dataset, self.seed, self.augment, self.normalization = dataset, seed, augment, normalization
+
+    def __call__(self, item: tuple[int | None, int]) -> tuple[np.ndarray, np.ndarray]:
+        index, epoch = item
+        ignore = self.dataset.ignore_index
+        image, label = self.dataset[index if index is not None else 0]
+        if self.augment is not None:
+            image, label = self.augment(image, label, np.random.default_rng([self.seed, epoch, index or 0]), ignore)
+        if index is None:
+            label = np.full_like(label, ignore)
+        check_label(label, self.dataset.num_classes, ignore, f"sample {index}")
+        image = np.ascontiguousarray(image)
+        return (normalize(image, self.normalization) if self.normalization else image), np.ascontiguousarray(label)
+
+
 class Loader:
-    """Batches ``{"image": float32 (b, H, W, 3), "label": int32 (b, H, W)}`` of this process's share.
+    """Batches ``{"image": (b, H, W, 3), "label": int32 (b, H, W)}`` of this process's share: ``image`` float32
+    normalised as ``normalization`` says, or the uint8 RGB pixels with ``normalization=None`` (4x less to move;
+    the training step normalises on the devices, to the same bits).
 
     ``global_batch_size`` must divide by ``process_count``. ``shuffle=False`` keeps dataset order
     (evaluation); ``drop_last`` drops the incomplete final batch (training); otherwise the last batch
     is padded with copies whose labels are all ``ignore_index``, so metrics are unaffected.
+
+    Samples are read by ``workers`` processes (:mod:`fcn_jax.data.workers`; ``None``: one per spare core,
+    ``0``: in this process), with up to ``prefetch`` batches (and at least two samples per worker) in flight.
+    The batches are the same for any number of workers. The dataset (and ``augment``) must be picklable for
+    ``workers > 0``. :meth:`close` stops the workers; so does leaving a ``with`` block.
     """
 
     def __init__(self, dataset, global_batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 augment: Augment | None = None, normalization: str = "imagenet", drop_last: bool = True,
-                 process_index: int = 0, process_count: int = 1, workers: int = 2):
+                 augment: Augment | None = None, normalization: str | None = "imagenet", drop_last: bool = True,
+                 process_index: int = 0, process_count: int = 1, workers: int | None = None, prefetch: int = 2):
         if global_batch_size % process_count:
             raise ConfigError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
         if drop_last and len(dataset) < global_batch_size:
             raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of {global_batch_size}")
+        if prefetch < 1:
+            raise ConfigError(f"prefetch must be >= 1 batch, got {prefetch}")
+        if normalization is not None:
+            normalize(np.zeros((1, 1, 3), np.uint8), normalization)  # an unknown name fails here, not in a worker
         self.dataset, self.global_batch_size, self.seed = dataset, global_batch_size, seed
-        self.shuffle, self.augment, self.normalization, self.drop_last = shuffle, augment, normalization, drop_last
+        self.shuffle, self.drop_last = shuffle, drop_last
         self.local_batch_size = global_batch_size // process_count
         self.process_index = process_index
         self.epoch, self.batch = 0, 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, workers))
+        workers = default_workers() if workers is None else workers
+        self.workers = SampleWorkers(_TrainSample(dataset, seed, augment, normalization), workers)
+        self.in_flight = max(prefetch * self.local_batch_size, 2 * workers)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -117,44 +152,47 @@ class Loader:
         return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def __iter__(self) -> Iterator[dict]:
-        """The rest of the current epoch, loading one batch ahead; then the state moves to the next
-        epoch. The state counts a batch as consumed once it has been handed out."""
-        order = self.order(self.epoch)
-
-        def submit(b):
-            return self._pool.submit(self._load, self._local_indices(order, b), self.epoch) if b < len(self) else None
-
-        ahead = submit(self.batch)
-        while ahead is not None:
-            current, ahead = ahead, submit(self.batch + 1)
-            batch = current.result()
-            self.batch += 1
-            yield batch
+        """The rest of the current epoch; then the state moves to the next epoch. The state counts a batch as
+        consumed once it has been handed out. Samples are requested in order, ``in_flight`` ahead."""
+        order, epoch, first = self.order(self.epoch), self.epoch, self.batch
+        wanted = ((i, epoch) for b in range(first, len(self)) for i in self._local_indices(order, b))
+        pending: collections.deque = collections.deque()
+        try:
+            for _ in range(first, len(self)):
+                for item in itertools.islice(wanted, self.in_flight - len(pending)):
+                    pending.append((item[0], self.workers.submit(item)))
+                samples = [pending.popleft() for _ in range(self.local_batch_size)]
+                batch = self._collate([(i, future.result()) for i, future in samples])
+                self.batch += 1
+                yield batch
+        finally:
+            for _, future in pending:  # an abandoned epoch (a stop, an error) leaves no work queued
+                future.cancel()
         self.epoch, self.batch = self.epoch + 1, 0
+
+    def close(self) -> None:
+        self.workers.close()
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _local_indices(self, order: np.ndarray, batch: int) -> list[int | None]:
         start = batch * self.global_batch_size + self.process_index * self.local_batch_size
         idx = order[start:start + self.local_batch_size].tolist()
         return idx + [None] * (self.local_batch_size - len(idx))  # None: padding of a final batch
 
-    def _load(self, indices: list[int | None], epoch: int) -> dict:
-        images, labels = [], []
-        ignore = self.dataset.ignore_index
-        for i in indices:
-            image, label = self.dataset[i if i is not None else 0]
-            if self.augment is not None:
-                image, label = self.augment(image, label, np.random.default_rng([self.seed, epoch, i or 0]), ignore)
-            if i is None:
-                label = np.full_like(label, ignore)
-            images.append(image)
-            labels.append(label)
+    @staticmethod
+    def _collate(samples: list[tuple[int | None, tuple[np.ndarray, np.ndarray]]]) -> dict:
+        images = [image for _, (image, _) in samples]
         try:
-            image_batch, label_batch = np.stack(images), np.stack(labels).astype(np.int32)
+            image_batch = np.stack(images)
         except ValueError as e:
             raise DatasetError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
-                             f"use a crop size or batch size 1") from e
-        check_label(label_batch, self.dataset.num_classes, ignore, f"batch of samples {indices}")
-        return {"image": normalize(image_batch, self.normalization), "label": label_batch}
+                               f"use a crop size or batch size 1") from e
+        return {"image": image_batch, "label": np.stack([label for _, (_, label) in samples]).astype(np.int32)}
 
 
 class EvalBatches:
@@ -166,11 +204,13 @@ class EvalBatches:
     Iterating yields ``{"image", "label", "index"}`` (``index`` -1 for padding) in a fixed order."""
 
     def __init__(self, dataset, global_batch_size: int, *, normalization: str = "imagenet", multiple: int = 32,
-                 process_index: int = 0, process_count: int = 1, sizes: list[tuple[int, int]] | None = None):
-        """``sizes``: the (H, W) of every sample, by default ``dataset.image_sizes()``."""
+                 process_index: int = 0, process_count: int = 1, sizes: list[tuple[int, int]] | None = None,
+                 workers: int | None = 0, prefetch: int = 2):
+        """``sizes``: the (H, W) of every sample, by default ``dataset.image_sizes()``. ``workers`` and
+        ``prefetch`` as for :class:`Loader` (default: read in this process)."""
         if global_batch_size % process_count:
             raise ConfigError(f"global batch size {global_batch_size} does not divide over {process_count} processes")
-        self.dataset, self.normalization, self.multiple = dataset, normalization, multiple
+        self.dataset, self.multiple = dataset, multiple
         self.global_batch_size, self.local = global_batch_size, global_batch_size // process_count
         self.process_index = process_index
         sizes = sizes or dataset.image_sizes()
@@ -179,19 +219,54 @@ class EvalBatches:
             buckets.setdefault((-(-h // multiple) * multiple, -(-w // multiple) * multiple), []).append(i)
         self.batches = [(size, idx[s:s + global_batch_size]) for size, idx in sorted(buckets.items())
                         for s in range(0, len(idx), global_batch_size)]
+        workers = default_workers() if workers is None else workers
+        self.workers = SampleWorkers(_EvalSample(dataset, normalization), workers)
+        self.in_flight = max(prefetch * self.local, 2 * workers)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        for (bh, bw), indices in self.batches:
-            mine = indices[self.process_index * self.local:(self.process_index + 1) * self.local]
-            mine = mine + [-1] * (self.local - len(mine))
-            images = np.zeros((self.local, bh, bw, 3), np.float32)  # zeros *after* normalising, as the FCN pads
-            labels = np.full((self.local, bh, bw), self.dataset.ignore_index, np.int32)
-            for row, i in enumerate(mine):
-                if i >= 0:
-                    image, label = self.dataset[i]
-                    images[row, :image.shape[0], :image.shape[1]] = normalize(image, self.normalization)
-                    labels[row, :label.shape[0], :label.shape[1]] = label
-            yield {"image": images, "label": labels, "index": np.array(mine, np.int32)}
+        mine = [(size, self._mine(indices)) for size, indices in self.batches]
+        wanted = (i for _, indices in mine for i in indices if i >= 0)
+        pending: collections.deque = collections.deque()
+        try:
+            for (bh, bw), indices in mine:
+                for i in itertools.islice(wanted, self.in_flight - len(pending)):
+                    pending.append(self.workers.submit(i))
+                images = np.zeros((self.local, bh, bw, 3), np.float32)  # zeros *after* normalising, as the FCN pads
+                labels = np.full((self.local, bh, bw), self.dataset.ignore_index, np.int32)
+                for row, i in enumerate(indices):
+                    if i >= 0:
+                        image, label = pending.popleft().result()
+                        images[row, :image.shape[0], :image.shape[1]] = image
+                        labels[row, :label.shape[0], :label.shape[1]] = label
+                yield {"image": images, "label": labels, "index": np.array(indices, np.int32)}
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def _mine(self, indices: list[int]) -> list[int]:
+        """This process's rows of a global batch; -1 pads the last batch of a bucket."""
+        mine = indices[self.process_index * self.local:(self.process_index + 1) * self.local]
+        return mine + [-1] * (self.local - len(mine))
+
+    def close(self) -> None:
+        self.workers.close()
+
+    def __enter__(self) -> EvalBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _EvalSample:
+    """The worker task of :class:`EvalBatches`: index -> (normalised image, label)."""
+
+    def __init__(self, dataset, normalization: str):
+        self.dataset, self.normalization = dataset, normalization
+
+    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.dataset[index]
+        return normalize(image, self.normalization), label
