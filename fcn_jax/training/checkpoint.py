@@ -2,9 +2,11 @@
 record (step, best mean IoU so far, last metrics, the resolved config).
 
 One ``CheckpointManager`` under ``RUN_DIR/checkpoints`` keeps the latest ``keep`` checkpoints plus
-the one with the best validation mean IoU. Orbax writes each checkpoint to a temporary directory and
-renames it when complete, so a run killed mid-save leaves the previous checkpoints intact (and the
-temporary directory is cleaned up on the next start, which holds the folder's lock by then). A checkpoint
+the one with the best validation mean IoU. Saving is asynchronous: training goes on while orbax writes
+(one checkpoint at a time), and the run waits for the last write before it reports or exits. Orbax
+writes each checkpoint to a temporary directory and renames it when complete, so a run killed mid-save
+leaves the previous checkpoints intact (and the temporary directory is cleaned up on the next start, which
+holds the folder's lock by then). A checkpoint
 that does not restore (a truncated file, a damaged record) is skipped for the newest one that does, and moved
 to ``RUN_DIR/damaged_checkpoints/`` so that the resumed run can write that step again.
 """
@@ -35,7 +37,7 @@ class RunCheckpoints:
             policies.BestN(get_metric_fn=lambda m: m["mean_iou"], n=1, keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=preserve, create=True,
-                                               cleanup_tmp_directories=True, enable_async_checkpointing=False)
+                                               cleanup_tmp_directories=True, enable_async_checkpointing=True)
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -43,8 +45,10 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, model, optimizer, data_state: dict, info: dict, metrics: dict | None = None) -> None:
-        """Save (synchronously: on GPU and TPU the next step donates these buffers). ``metrics`` (with ``mean_iou``)
-        marks a checkpoint that competes for "best"."""
+        """Start saving ``step`` and return once the arrays are copied off the devices (so the next step may
+        donate them); the files are written in the background, under a temporary name until complete. A write
+        error surfaces at the next :meth:`save` or :meth:`wait`. ``metrics`` (with ``mean_iou``) marks a
+        checkpoint that competes for "best"."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.state((model, optimizer))),
             data=ocp.args.JsonSave(data_state),
@@ -95,15 +99,27 @@ class RunCheckpoints:
         multihost_utils.sync_global_devices("fcn-jax: damaged checkpoints set aside")
         self.manager.reload()
 
-    def close(self) -> None:
+    def wait(self) -> None:
+        """Wait until the checkpoint being written is complete (raising its write error, if any)."""
         self.manager.wait_until_finished()
-        self.manager.close()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
     def __enter__(self) -> RunCheckpoints:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()  # on errors too: an unclosed manager's thread prints a traceback at interpreter exit
+    def __exit__(self, kind, error, trace) -> None:
+        # On errors too: an unclosed manager's thread prints a traceback at interpreter exit. A failed last
+        # write must not hide the error that is already on its way out.
+        try:
+            self.close()
+        except Exception:
+            if kind is None:
+                raise
 
 
 _NOISE = ("Encountered error while reading array index", "Event loop is closed", "OUT_OF_RANGE")

@@ -13,10 +13,8 @@ import math
 from pathlib import Path
 
 from fcn_jax import runs
+from fcn_jax.choices import ARCHS, BACKBONES, LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES
 from fcn_jax.errors import ConfigError, RunError
-from fcn_jax.models import ARCHS, BACKBONES
-from fcn_jax.training.losses import LOSSES
-from fcn_jax.training.optim import OPTIMIZERS, SCHEDULES
 
 
 def _field(default, help: str, *, check=None, **kw):
@@ -71,8 +69,11 @@ class TrainConfig:
     scale: tuple = _field((1.0, 1.0), "random scale range MIN,MAX for training", kind="floats", check=_scale_range)
     hflip: bool = _field(True, "random horizontal flips for training")
     normalization: str = _field("imagenet", "imagenet (RGB mean/std) or reference (BGR mean subtraction)",
-                                choices=("imagenet", "reference"))
-    workers: int = _field(2, "data loading threads", check=_at_least(0))
+                                choices=NORMALIZATIONS)
+    workers: int | None = _field(None, "data loading processes, 0: load in the main process",
+                                 shown_default="one per core but one, at most 16", check=_at_least(0))
+    prefetch: int = _field(2, "batches the data workers prepare ahead", check=_at_least(1))
+    device_prefetch: int = _field(2, "batches placed on the devices ahead of the step", check=_at_least(1))
     # model
     arch: str = _field("fcns", "FCN variant", choices=ARCHS)
     backbone: str = _field("vgg11", "VGG depth", choices=BACKBONES)
@@ -178,7 +179,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = f.metadata.get("kind")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f"{f.metadata['help']} (default: {f.metadata.get('shown_default', f.default)})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind == "size":
@@ -186,7 +187,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind == "floats":
             parser.add_argument(flag, type=_parse_floats, default=None, metavar="A,B,...", help=help_text)
         else:
-            convert = {"int": int, "float": float}.get(str(f.type), str)
+            convert = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             parser.add_argument(flag, type=convert, default=None, choices=f.metadata.get("choices"), help=help_text)
 
 
@@ -202,7 +203,9 @@ def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
     return TrainConfig(**{**PRESETS[preset], **overrides})
 
 
-RESUME_MAY_CHANGE = ("lr",)  # e.g. lower after a NaN stop; everything else would make it another run
+# The learning rate (e.g. lower after a NaN stop) and how data is fed, which does not change the batches;
+# anything else would make it another run.
+RESUME_MAY_CHANGE = ("lr", "workers", "prefetch", "device_prefetch")
 
 
 def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
@@ -215,7 +218,7 @@ def resume_config(run_dir: str, overrides: dict) -> TrainConfig:
     differing = [f"--{k.replace('_', '-')} {v} (the run has {getattr(saved, k)})" for k, v in overrides.items()
                  if k not in ("run_dir", *RESUME_MAY_CHANGE) and getattr(saved, k) != v]
     if differing:
-        may_change = ", ".join("--" + k for k in RESUME_MAY_CHANGE)
+        may_change = ", ".join("--" + k.replace("_", "-") for k in RESUME_MAY_CHANGE)
         raise ConfigError("--resume continues a run with its saved settings, but these differ: "
                           + ", ".join(differing) + f" (only {may_change} may change)")
     changes = {k: overrides[k] for k in RESUME_MAY_CHANGE if k in overrides}

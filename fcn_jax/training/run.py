@@ -11,11 +11,11 @@ one line with the last complete checkpoint intact.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
 import functools
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,17 +28,19 @@ from tqdm.auto import tqdm
 from fcn_jax import runs
 from fcn_jax.data import Augment, Loader, get_dataset
 from fcn_jax.data.pipeline import EvalBatches
+from fcn_jax.device_input import prefetch_to_devices
 from fcn_jax.drawing import overlay_panel, plot_learning_curve
 from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
 from fcn_jax.evaluation import confusion_over
 from fcn_jax.metrics import metrics_table, segmentation_metrics
 from fcn_jax.models import create_model
 from fcn_jax.prediction import predict
-from fcn_jax.sharding import host_array, make_mesh, replicate_state, shard_batch
+from fcn_jax.sharding import host_array, make_mesh, replicate_state
 from fcn_jax.training.checkpoint import RunCheckpoints
 from fcn_jax.training.config import TrainConfig, resume_config
 from fcn_jax.training.lock import hold_run_folder
 from fcn_jax.training.losses import get_loss
+from fcn_jax.training.meter import LossMeter
 from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.reporting import MetricsLog
 from fcn_jax.training.step import train_step, trainable
@@ -121,6 +123,14 @@ def _check_same_data(saved: dict | None, now: dict) -> None:
                                f"one's weights with --init-weights")
 
 
+def _recording_states(loader: Loader, states: collections.deque):
+    """The loader's batches, appending its state after each to ``states``: batches prefetched to the devices
+    run ahead of the steps, so the state to checkpoint with a step is the one recorded with its batch."""
+    for batch in loader:
+        states.append(loader.state())
+        yield batch
+
+
 def _check_classes_used(dataset, ignore_index: int) -> None:
     """A folder dataset whose masks hold one class besides the ignore label trains nothing (binary masks
     saved as 0/255, with 255 meant as the object)."""
@@ -145,13 +155,17 @@ def _disk_full(error: BaseException | None) -> bool:
 
 
 @contextlib.contextmanager
-def _writing(path: Path, run_dir: Path):
-    """A full disk while writing ``path`` becomes one line with the fix (the writers never leave a partial file)."""
+def _writing(path: Path, run_dir: Path, checkpoints: RunCheckpoints | None = None):
+    """A full disk while writing ``path`` (or a checkpoint still being written) becomes one line with the fix
+    (the writers never leave a partial file)."""
     try:
         yield
     except Exception as e:
         if not _disk_full(e):
             raise
+        if checkpoints is not None:
+            with contextlib.suppress(Exception):  # a checkpoint written in the background may still complete
+                checkpoints.wait()
         kept = _checkpoint_steps(run_dir)
         resume_from = (f"continue with `fcn-jax train --resume --run-dir {run_dir}` (its last complete checkpoint, "
                        f"step {kept[-1]}, is intact)" if kept else "start the run again")
@@ -180,10 +194,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
     if config.dataset == "folder":
         _check_classes_used(datasets["train"], config.ignore_index)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, workers=config.workers,
-                          normalization=config.normalization,
-                          augment=Augment(config.crop, tuple(config.scale), config.hflip), **shard)
-    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization, **shard)
+    feeding = dict(workers=config.workers, prefetch=config.prefetch)
+    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, normalization=None,  # on device
+                          augment=Augment(config.crop, tuple(config.scale), config.hflip), **feeding, **shard)
+    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization, **feeding,
+                             **shard)
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
     labels = {"class_names": class_names, "palette": datasets["train"].palette}  # stored with the weights
     if config.class_weights is not None and len(config.class_weights) != num_classes:
@@ -206,7 +221,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
     loss_fn = functools.partial(get_loss(config.loss), ignore_index=config.ignore_index,
                                 class_weights=config.class_weights)
 
-    with RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints) as checkpoints:  # cleans orbax's leftovers
+    # (RunCheckpoints cleans orbax's leftovers; leaving the block waits for the last write and stops the workers)
+    with RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints) as checkpoints, train_loader, val_loader:
         step, best, metrics = 0, {"mean_iou": -1.0, "step": None}, None
         if resume:
             step, data_state, info, skipped = checkpoints.restore_newest(model, optimizer)
@@ -226,9 +242,11 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                    mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
                    desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
         last_time, last_step = time.perf_counter(), step
+        meter = LossMeter(step)
 
-        def diverged(what: str) -> TrainingDiverged:
+        def diverged(what: str, at_step: int) -> TrainingDiverged:
             bar.close()
+            checkpoints.wait()
             kept = checkpoints.latest_step()
             where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
                 else "no checkpoint had been written yet"
@@ -236,50 +254,63 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
             advice = (f"Lower the learning rate and continue from that checkpoint: "
                       f"fcn-jax train --resume --run-dir {run_dir} --lr {lower}" if kept is not None
                       else f"Check the data, or start again with a lower learning rate (e.g. --lr {lower})")
-            return TrainingDiverged(f"{what} at step {step} (epoch {train_loader.epoch + 1}); stopped without saving, "
-                                    f"{where}. {advice}")
+            return TrainingDiverged(f"{what} at step {at_step} (epoch {train_loader.epoch + 1}); stopped without "
+                                    f"saving, {where}. {advice}")
 
-        def save(metrics_for_best=None):
+        def save(data_state: dict, metrics_for_best=None):
             # The loss is computed before each update, so check the updated parameters before keeping them.
             if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
-                raise diverged("the parameters became NaN or infinite")
-            with _writing(run_dir / "checkpoints" / str(step), run_dir):
-                checkpoints.save(step, model, optimizer, train_loader.state(),
+                raise diverged("the parameters became NaN or infinite", step)
+            with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
+                checkpoints.save(step, model, optimizer, data_state,
                                  {"step": step, "best": best, "metrics": metrics, "config": dataclasses.asdict(config),
                                   "data": fingerprints}, metrics=metrics_for_best)
 
-        def stopped() -> TrainingStopped:
+        def stopped(data_state: dict) -> TrainingStopped:
             bar.close()
             if checkpoints.latest_step() != step:
-                save()
-            where = f"epoch {train_loader.epoch + 1}, batch {train_loader.batch} of {len(train_loader)}"
+                save(data_state)
+            with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
+                checkpoints.wait()
+            where = f"epoch {data_state['epoch'] + 1}, batch {data_state['batch']} of {len(train_loader)}"
             again = f"fcn-jax train --resume --run-dir {run_dir}" + (" --distributed" * (jax.process_count() > 1))
             return TrainingStopped(f"stopped at step {step} ({where}) on {stop.reason}: wrote the checkpoint of step "
                                    f"{step} to {run_dir / 'checkpoints'}. Resume with: {again}")
 
         with StopRequests() as stop:
             while train_loader.epoch < config.epochs:
-                for batch in train_loader:
-                    batch = shard_batch(batch, mesh)
-                    loss = float(host_array(train_step(model, optimizer, batch["image"], batch["label"], loss_fn)))
+                data_states = collections.deque()  # the loader's state after each batch, in step with the batches
+                for batch in prefetch_to_devices(_recording_states(train_loader, data_states), mesh,
+                                                 config.device_prefetch):
+                    data_state = data_states.popleft()
+                    meter.add(train_step(model, optimizer, batch["image"], batch["label"], loss_fn,
+                                         config.normalization))
                     step += 1
-                    if not math.isfinite(loss):
-                        raise diverged(f"the loss became {loss}")
                     bar.update(1)
-                    if step % config.log_every_steps == 0 or step == total_steps:
+                    end_of_epoch = data_state["batch"] == len(train_loader)
+                    log_now = step % config.log_every_steps == 0 or step == total_steps
+                    checkpoint_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                                      and not end_of_epoch)
+                    stop_now = stop.requested(step) and not end_of_epoch
+                    if not (log_now or checkpoint_now or stop_now or end_of_epoch):
+                        continue  # the host waits for the devices only at these points
+                    seen = meter.fetch()
+                    if seen.first_bad_step is not None:
+                        raise diverged(f"the loss became {seen.loss if step == seen.first_bad_step else 'NaN'}",
+                                       seen.first_bad_step)
+                    if log_now:
                         now = time.perf_counter()
                         rate = (step - last_step) * config.batch_size / (now - last_time)
                         last_time, last_step = now, step
-                        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
+                        bar.set_postfix(loss=f"{seen.loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                         if reports:
-                            epochs = train_loader.epoch + train_loader.batch / len(train_loader)
-                            reports.write("train", step, {"loss": loss, "lr": float(schedule(step)),
+                            epochs = data_state["epoch"] + data_state["batch"] / len(train_loader)
+                            reports.write("train", step, {"loss": seen.loss, "lr": float(schedule(step)),
                                                           "images_per_s": rate, "epoch": epochs})
-                    end_of_epoch = train_loader.batch == len(train_loader)
-                    if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not end_of_epoch:
-                        save()
-                    if stop.requested(step) and not end_of_epoch:
-                        raise stopped()
+                    if checkpoint_now:
+                        save(data_state)
+                    if stop_now:
+                        raise stopped(data_state)
                 epoch = train_loader.epoch
                 if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
                     conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
@@ -292,15 +323,17 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                     if reports:
                         reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
                                                     **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
-                    save({"mean_iou": metrics["mean_iou"]})
+                    save(train_loader.state(), {"mean_iou": metrics["mean_iou"]})
                     if improved and is_main:
-                        with _writing(run_dir / runs.BEST_WEIGHTS, run_dir):
+                        with _writing(run_dir / runs.BEST_WEIGHTS, run_dir, checkpoints):
                             save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
                 else:
-                    save()
+                    save(train_loader.state())
                 if stop.requested(step) and train_loader.epoch < config.epochs:
-                    raise stopped()
+                    raise stopped(train_loader.state())
         bar.close()
+        with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
+            checkpoints.wait()
     if is_main:
         _write_results(model, config, datasets, labels, reports, metrics, best, step)
     return metrics

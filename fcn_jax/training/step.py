@@ -7,8 +7,14 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from fcn_jax.device_input import normalize_on_device
 
-def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn) -> jax.Array:
+
+def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn,
+                normalization: str | None = None) -> jax.Array:
+    if normalization is not None:
+        images = normalize_on_device(images, normalization)
+
     def compute_loss(model):
         return loss_fn(model(images), labels)
 
@@ -17,8 +23,9 @@ def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.
     return loss
 
 
-_train_step_in_place = nnx.jit(_train_step, static_argnames=("loss_fn",), donate_argnames=("model", "optimizer"))
-_train_step_new_buffers = nnx.jit(_train_step, static_argnames=("loss_fn",))
+_STATIC = ("loss_fn", "normalization")
+_train_step_in_place = nnx.jit(_train_step, static_argnames=_STATIC, donate_argnames=("model", "optimizer"))
+_train_step_new_buffers = nnx.jit(_train_step, static_argnames=_STATIC)
 
 
 def jitted_train_step():
@@ -33,11 +40,13 @@ def jitted_train_step():
     return _train_step_new_buffers if jax.default_backend() == "cpu" else _train_step_in_place
 
 
-def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn) -> jax.Array:
+def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn,
+               normalization: str | None = None) -> jax.Array:
     """One SGD step in train mode: forward, loss, backward, optimizer update and BatchNorm running
     statistics, all in one compiled program (see :func:`jitted_train_step`). Returns the loss (before
-    the update)."""
-    return jitted_train_step()(model, optimizer, images, labels, loss_fn)
+    the update), on the devices. ``images``: float network input, or uint8 RGB with ``normalization``
+    (``"imagenet"`` or ``"reference"``: normalised inside the program, see :mod:`fcn_jax.device_input`)."""
+    return jitted_train_step()(model, optimizer, images, labels, loss_fn, normalization)
 
 
 def trainable(freeze_backbone: bool):
