@@ -2,7 +2,8 @@
 
 Images are NHWC float arrays; models return NHWC logits of the input's size. Importing the package
 changes no process state and loads nothing heavy: each name below is imported from its module when first
-used (so that data-loading worker processes, which import :mod:`fcn_jax.data` only, start without JAX).
+used (so that data-loading worker processes, which import :mod:`fcn_jax.data` only, start without JAX). No
+module is named like one of these names: importing it would replace the name on the package.
 PyTorch is only needed for ``.pth`` files and :mod:`fcn_jax.pytorch`.
 """
 
@@ -16,7 +17,7 @@ _HOMES = {
                        "TrainingDiverged", "WeightsError"),
     "fcn_jax.models": ("ARCHS", "BACKBONES", "FCN", "VGGBackbone", "create_model"),
     "fcn_jax.prediction": ("predict",),
-    "fcn_jax.summary": ("summary",),
+    "fcn_jax.parameter_table": ("summary",),
     "fcn_jax.weights": ("load_model", "load_weights", "save_weights"),
     "fcn_jax.xla_flags": ("use_fast_cpu_convolutions",),
 }

@@ -62,7 +62,7 @@ def _cmd_evaluate(args) -> int:
 
     run_evaluate(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                  batch_size=args.batch_size, normalization=args.normalization, output=args.output,
-                 skip_bad=args.skip_bad_samples, progress=not args.no_progress)
+                 skip_bad=args.skip_bad_samples, workers=args.workers, progress=not args.no_progress)
     return 0
 
 
@@ -71,7 +71,8 @@ def _cmd_predict(args) -> int:
 
     run_predict(args.weights, args.inputs, args.output, overlay=args.overlay, index_png=args.index_png,
                 save_logits=args.logits, normalization=args.normalization, batch_size=args.batch_size,
-                max_side=args.max_side, skip_bad=args.skip_bad_samples, progress=not args.no_progress)
+                max_side=args.max_side, skip_bad=args.skip_bad_samples, workers=args.workers,
+                progress=not args.no_progress)
     return 0
 
 
@@ -79,7 +80,7 @@ def _cmd_summary(args) -> int:
     from flax import nnx
 
     from fcn_jax.models import create_model
-    from fcn_jax.summary import summary
+    from fcn_jax.parameter_table import summary
     from fcn_jax.weights import load_model
 
     if args.weights:
@@ -111,6 +112,8 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="leave out unreadable or invalid inputs and report how many")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that read the images (default: one per core but one, at most 16; 0: this one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fcn_jax.data.pipeline import normalize
+from fcn_jax.errors import ConfigError
 from fcn_jax.sharding import shard_batch
 
 
@@ -40,7 +41,7 @@ def prefetch_to_devices(batches: Iterable[dict], mesh, depth: int = 2) -> Iterat
     the next ``depth`` already on their way to the devices while the caller works on the current one (the
     copies are asynchronous: placing a batch does not wait for it to arrive)."""
     if depth < 1:
-        raise ValueError(f"device prefetch depth must be >= 1, got {depth}")
+        raise ConfigError(f"--device-prefetch must be >= 1, got {depth}")
     queue: collections.deque = collections.deque()
     for batch in batches:
         queue.append(shard_batch(batch, mesh))

@@ -47,25 +47,27 @@ def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, pr
     return np.asarray(conf.addressable_data(0))  # replicated: every process holds the whole matrix
 
 
-def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = "imagenet",
+def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = "imagenet", workers: int | None = 0,
                    progress: bool = True) -> tuple[dict, np.ndarray]:
     """``(metrics, confusion matrix)`` of ``model`` (in eval mode) over all of ``dataset``. ``batch_size`` 0:
-    one image per device. The model's state is replicated over the devices and its mode left as it was."""
+    one image per device; ``workers``: processes that read the samples (see :class:`fcn_jax.data.Loader`; 0:
+    this one). The model's state is replicated over the devices and its mode left as it was."""
     if model.num_classes != dataset.num_classes:
         raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {dataset.num_classes}")
     batch_size = device_batch_size(batch_size)
     mesh = make_mesh()
     replicate_state(model, mesh)
     batches = EvalBatches(dataset, batch_size, normalization=normalization, process_index=jax.process_index(),
-                          process_count=jax.process_count())
-    with tqdm(total=len(batches), unit="batch", desc="evaluate", disable=not progress or jax.process_index()) as bar:
+                          process_count=jax.process_count(), workers=workers)
+    bar = tqdm(total=len(batches), unit="batch", desc="evaluate", disable=not progress or jax.process_index())
+    with batches, bar:
         conf = confusion_over(model, batches, mesh, dataset.num_classes, dataset.ignore_index, progress=bar)
     return segmentation_metrics(conf, list(dataset.class_names)), conf
 
 
 def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | None = None, split: str | None = None,
                  batch_size: int = 0, normalization: str | None = None, output: str | None = None,
-                 skip_bad: bool = False, progress: bool = True) -> dict:
+                 skip_bad: bool = False, workers: int | None = None, progress: bool = True) -> dict:
     """Evaluate, print the table, and write ``OUTPUT.json`` and ``OUTPUT_confusion.png``. Settings
     left out come from the run's config when ``weights`` is a run directory."""
     reports = _report_paths(output) if output else None
@@ -83,7 +85,8 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
         kwargs = dict(synthetic_size=run["synthetic_size"], synthetic_samples=run["synthetic_val"], seed=run["seed"])
     data = get_dataset(dataset, split, data_dir=data_dir, skip_bad=skip_bad, **kwargs)
     model = load_model(path)
-    metrics, conf = evaluate_model(model, data, batch_size=batch_size, normalization=normalization, progress=progress)
+    metrics, conf = evaluate_model(model, data, batch_size=batch_size, normalization=normalization, workers=workers,
+                                   progress=progress)
     if jax.process_index() == 0:
         print(f"{dataset} {split}: {len(data)} images, weights {path}")
         print(metrics_table(metrics))

@@ -20,12 +20,21 @@ from tqdm.auto import tqdm
 from fcn_jax.data.files import read_image
 from fcn_jax.data.folder import IMAGE_SUFFIXES
 from fcn_jax.data.pipeline import EvalBatches
+from fcn_jax.data.workers import SampleWorkers, default_workers
 from fcn_jax.drawing import blend, colorize, picture, voc_palette
 from fcn_jax.errors import ConfigError, DatasetError, InputError
 from fcn_jax.modes import in_mode
 from fcn_jax.runs import resolve_weights
 from fcn_jax.sharding import DATA_AXIS, device_batch_size, make_mesh, replicate_state, shard_batch
 from fcn_jax.weights import load_model, read_weights_config
+
+
+def _read_image_or_error(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """A worker task of ``run_predict``: the image, or why it cannot be read."""
+    try:
+        return read_image(path), None
+    except DatasetError as e:
+        return None, str(e)
 
 
 class _Images:
@@ -193,7 +202,8 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bool = False, index_png: bool = False,
                 save_logits: bool = False, normalization: str = "imagenet", batch_size: int = 0,
-                max_side: int | None = None, skip_bad: bool = False, progress: bool = True) -> list[Path]:
+                max_side: int | None = None, skip_bad: bool = False, workers: int | None = None,
+                progress: bool = True) -> list[Path]:
     """Predict every input image; writes ``OUTPUT/NAME_mask.png`` (colours of the weights' dataset) and
     optionally ``NAME_overlay.png`` (with a legend), ``NAME_index.png`` and ``NAME_logits.npy``, NAME being
     :func:`output_names`'. The output folder and the inputs are checked before the model is loaded."""
@@ -210,14 +220,16 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
     names = meta.get("class_names") or [f"class {i}" for i in range(model.num_classes)]
     palette = np.array(meta.get("palette") or voc_palette(model.num_classes), np.uint8)
     images, kept, skipped = [], [], []
-    for p in paths:
-        try:
-            images.append(read_image(p))
-            kept.append(p)
-        except DatasetError as e:
-            if not skip_bad:
-                raise
-            skipped.append(str(e))
+    with SampleWorkers(_read_image_or_error, default_workers() if workers is None else workers) as readers:
+        for p, read in [(p, readers.submit(p)) for p in paths]:  # all at once: predict holds every image anyway
+            image, error = read.result()
+            if error is not None and not skip_bad:
+                raise DatasetError(error)
+            if error is not None:
+                skipped.append(error)
+            else:
+                images.append(image)
+                kept.append(p)
     results = predict(model, images, normalization=normalization, batch_size=batch_size, logits=save_logits,
                       max_side=max_side, names=[str(p) for p in kept], progress=progress)
     for stem, image, result in zip(output_names(kept), images, results, strict=True):

@@ -117,3 +117,25 @@ def test_no_library_file_is_over_400_lines():
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
 
+
+
+def test_the_command_lines_choices_are_what_the_library_implements():
+    from fcn_jax import choices
+    from fcn_jax.models import CFGS, MODELS
+    from fcn_jax.training import losses, optim
+
+    assert tuple(MODELS) == choices.ARCHS and tuple(CFGS) == choices.BACKBONES
+    for name in choices.LOSSES:
+        losses.get_loss(name)
+    for name in choices.OPTIMIZERS:
+        optim.make_optimizer(name, 0.1)
+    for name in choices.SCHEDULES:
+        optim.make_schedule(name, 0.1, total_steps=10, steps_per_epoch=5)
+
+
+def test_the_packages_names_are_not_hidden_by_a_module_of_the_same_name():
+    # fcn_jax loads its names lazily; a submodule named like one would replace it once imported
+    import fcn_jax
+
+    modules = {p.stem for p in PACKAGE.iterdir()}
+    assert not modules & set(fcn_jax.__all__)

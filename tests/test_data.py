@@ -94,7 +94,7 @@ def test_label_out_of_range_is_a_clear_error():
             return image, label
 
     with pytest.raises(DatasetError, match=r"label values \[9\] are outside \[0, 5\) and not the ignore label 255"):
-        next(iter(Loader(Bad("train", num_samples=8, size=(16, 16)), 4)))
+        next(iter(Loader(Bad("train", num_samples=8, size=(16, 16)), 4, workers=0)))
 
 
 def test_unknown_dataset_says_what_is_available():

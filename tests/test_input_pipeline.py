@@ -24,7 +24,7 @@ import fcn_jax
 from fcn_jax.data import Augment, Loader, SyntheticShapes, normalize
 from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.device_input import normalize_on_device, prefetch_to_devices
-from fcn_jax.errors import DatasetError
+from fcn_jax.errors import ConfigError, DatasetError
 from fcn_jax.sharding import make_mesh, replicate_state
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.meter import LossMeter
@@ -84,7 +84,7 @@ def test_prefetch_is_bounded():
     next(batches)
     # workers=0 loads lazily; what is *submitted* ahead is bounded by prefetch x batch
     assert loader.in_flight == 8 and len(requested) == 4
-    assert Loader(Counting(n=64), 4, workers=6, prefetch=1).in_flight == 12  # at least two per worker
+    assert Loader(TinyDataset(n=64), 4, workers=6, prefetch=1).in_flight == 12  # at least two per worker
 
 
 def test_a_failing_sample_in_a_worker_stops_with_the_sample_and_the_fix():
@@ -113,6 +113,15 @@ def test_a_dataset_error_from_a_worker_keeps_its_own_message(tmp_path):
             list(loader)
         messages.append(str(e.value))
     assert messages[0] == messages[1] and "2.png: not a readable image" in messages[0]
+
+
+def test_a_dataset_that_cannot_reach_the_workers_says_how_to_fix_it():
+    class Local(TinyDataset):  # a class inside a function cannot be pickled
+        pass
+
+    with pytest.raises(ConfigError, match=r"cannot be sent to worker processes .* --workers 0"):
+        Loader(Local(), 4, workers=2)
+    assert len(list(Loader(Local(), 4, workers=0))) == 6
 
 
 def test_a_worker_that_dies_is_an_error_not_a_hang():

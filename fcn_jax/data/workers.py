@@ -20,13 +20,14 @@ import contextlib
 import ctypes
 import multiprocessing
 import os
+import pickle
 import signal
 import traceback
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from fcn_jax.errors import DatasetError, FcnJaxError
+from fcn_jax.errors import ConfigError, DatasetError, FcnJaxError
 
 _load: Callable[[Any], Any] | None = None  # the worker's sample function, set once by _start_worker
 
@@ -74,7 +75,14 @@ class SampleWorkers:
 
     def __init__(self, load: Callable[[Any], Any], count: int):
         if count < 0:
-            raise ValueError(f"workers must be >= 0, got {count}")
+            raise ConfigError(f"--workers must be >= 0, got {count}")
+        if count > 0:
+            try:  # what spawning the workers would do, failing here with the fix instead of deep in multiprocessing
+                pickle.dumps(load)
+            except Exception as e:
+                raise ConfigError(f"the dataset cannot be sent to worker processes ({type(e).__name__}: {e}): define "
+                                  f"its class at the top level of a module, or load in this process with --workers 0 "
+                                  f"(workers=0)") from None
         self.load, self.count = load, count
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
@@ -127,8 +135,9 @@ class _WorkerFuture:
             raise DatasetError(
                 f"a data worker process died while loading sample {self.item}: it was killed (out of memory? use "
                 f"fewer than {self.count} workers), or it could not start (workers import the main script again: "
-                f"a script that trains must keep its work under `if __name__ == \"__main__\":`). --workers 0 "
-                f"(workers=0) loads in the main process") from None
+                f"a script that trains must keep its work under `if __name__ == \"__main__\":`, and a dataset class "
+                f"defined in a notebook cannot be imported by them). --workers 0 (workers=0) loads in the main "
+                f"process") from None
 
     def cancel(self) -> bool:
         return self.future.cancel()
