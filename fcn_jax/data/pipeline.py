@@ -12,16 +12,15 @@ A dataset is any object with ``__len__``, ``__getitem__(i) -> (image uint8 (H, W
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import dataclasses
-import itertools
 from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
-from fcn_jax.data.workers import SampleWorkers, default_workers
-from fcn_jax.errors import ConfigError, DatasetError
+from fcn_jax.data.workers import SampleWorkers, default_workers, in_worker, worker_failure
+from fcn_jax.errors import ConfigError, DatasetError, FcnJaxError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 REFERENCE_BGR_MEAN = (103.939, 116.779, 123.68)  # the reference's BGR means, in 0..255
@@ -80,15 +79,25 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
                          f"{ignore_index}; check the mask files or the dataset's num_classes")
 
 
-class _TrainSample:
-    """The worker task of :class:`Loader`: ``(index, epoch)`` -> one augmented, checked sample (``index``
-    None: a padding copy of sample 0 whose label is all ignored)."""
+class _TrainBatch:
+    """The worker task of :class:`Loader`: a list of ``(index, epoch)`` -> one batch of augmented, checked
+    samples (``index`` None: a padding copy of sample 0 whose label is all ignored); labels keep the
+    dataset's dtype until the main process (less to send)."""
 
     def __init__(self, dataset, seed: int, augment: Augment | None, normalization: str | None):
         self.dataset, self.seed, self.augment, self.normalization = dataset, seed, augment, normalization
 
-    def __call__(self, item: tuple[int | None, int]) -> tuple[np.ndarray, np.ndarray]:
-        index, epoch = item
+    def __call__(self, items: list[tuple[int | None, int]]) -> dict:
+        samples = [_named_failures(self._sample, index, epoch) for index, epoch in items]
+        images = [image for image, _ in samples]
+        try:
+            image_batch = np.stack(images)
+        except ValueError as e:
+            raise DatasetError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
+                               f"use a crop size or batch size 1") from e
+        return {"image": image_batch, "label": np.stack([label for _, label in samples])}
+
+    def _sample(self, index: int | None, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         ignore = self.dataset.ignore_index
         image, label = self.dataset[index if index is not None else 0]
         if self.augment is not None:
@@ -96,8 +105,20 @@ class _TrainSample:
         if index is None:
             label = np.full_like(label, ignore)
         check_label(label, self.dataset.num_classes, ignore, f"sample {index}")
-        image = np.ascontiguousarray(image)
-        return (normalize(image, self.normalization) if self.normalization else image), np.ascontiguousarray(label)
+        return (normalize(image, self.normalization) if self.normalization else image), label
+
+
+def _named_failures(load, index, *args):
+    """``load(index, *args)``; in a worker, a bug in the dataset becomes one line naming the sample (in the main
+    process it keeps its traceback)."""
+    try:
+        return load(index, *args)
+    except FcnJaxError:
+        raise
+    except Exception as e:
+        if in_worker():
+            raise worker_failure(f"sample {index}", e) from None
+        raise
 
 
 class Loader:
@@ -109,8 +130,8 @@ class Loader:
     (evaluation); ``drop_last`` drops the incomplete final batch (training); otherwise the last batch
     is padded with copies whose labels are all ``ignore_index``, so metrics are unaffected.
 
-    Samples are read by ``workers`` processes (:mod:`fcn_jax.data.workers`; ``None``: one per spare core,
-    ``0``: in this process), with up to ``prefetch`` batches (and at least two samples per worker) in flight.
+    Batches are loaded by ``workers`` processes (:mod:`fcn_jax.data.workers`; ``None``: one per spare core,
+    ``0``: in this process), a batch per task, with ``max(prefetch, workers)`` batches in flight.
     The batches are the same for any number of workers. The dataset (and ``augment``) must be picklable for
     ``workers > 0``. :meth:`close` stops the workers; so does leaving a ``with`` block.
     """
@@ -132,8 +153,8 @@ class Loader:
         self.process_index = process_index
         self.epoch, self.batch = 0, 0
         workers = default_workers() if workers is None else workers
-        self.workers = SampleWorkers(_TrainSample(dataset, seed, augment, normalization), workers)
-        self.in_flight = max(prefetch * self.local_batch_size, 2 * workers)
+        self.workers = SampleWorkers(_TrainBatch(dataset, seed, augment, normalization), workers)
+        self.in_flight = max(prefetch, workers)  # batches
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -153,21 +174,14 @@ class Loader:
 
     def __iter__(self) -> Iterator[dict]:
         """The rest of the current epoch; then the state moves to the next epoch. The state counts a batch as
-        consumed once it has been handed out. Samples are requested in order, ``in_flight`` ahead."""
+        consumed once it has been handed out."""
         order, epoch, first = self.order(self.epoch), self.epoch, self.batch
-        wanted = ((i, epoch) for b in range(first, len(self)) for i in self._local_indices(order, b))
-        pending: collections.deque = collections.deque()
-        try:
-            for _ in range(first, len(self)):
-                for item in itertools.islice(wanted, self.in_flight - len(pending)):
-                    pending.append((item[0], self.workers.submit(item)))
-                samples = [pending.popleft() for _ in range(self.local_batch_size)]
-                batch = self._collate([(i, future.result()) for i, future in samples])
+        tasks = ([(i, epoch) for i in self._local_indices(order, b)] for b in range(first, len(self)))
+        with contextlib.closing(self.workers.in_order(tasks, self.in_flight)) as batches:
+            for batch in batches:
+                batch["label"] = batch["label"].astype(np.int32)
                 self.batch += 1
                 yield batch
-        finally:
-            for _, future in pending:  # an abandoned epoch (a stop, an error) leaves no work queued
-                future.cancel()
         self.epoch, self.batch = self.epoch + 1, 0
 
     def close(self) -> None:
@@ -183,16 +197,6 @@ class Loader:
         start = batch * self.global_batch_size + self.process_index * self.local_batch_size
         idx = order[start:start + self.local_batch_size].tolist()
         return idx + [None] * (self.local_batch_size - len(idx))  # None: padding of a final batch
-
-    @staticmethod
-    def _collate(samples: list[tuple[int | None, tuple[np.ndarray, np.ndarray]]]) -> dict:
-        images = [image for _, (image, _) in samples]
-        try:
-            image_batch = np.stack(images)
-        except ValueError as e:
-            raise DatasetError(f"samples of one batch differ in size ({', '.join(str(x.shape) for x in images)}); "
-                               f"use a crop size or batch size 1") from e
-        return {"image": image_batch, "label": np.stack([label for _, (_, label) in samples]).astype(np.int32)}
 
 
 class EvalBatches:
@@ -220,31 +224,16 @@ class EvalBatches:
         self.batches = [(size, idx[s:s + global_batch_size]) for size, idx in sorted(buckets.items())
                         for s in range(0, len(idx), global_batch_size)]
         workers = default_workers() if workers is None else workers
-        self.workers = SampleWorkers(_EvalSample(dataset, normalization), workers)
-        self.in_flight = max(prefetch * self.local, 2 * workers)
+        self.workers = SampleWorkers(_EvalBatch(dataset, normalization, self.local), workers)
+        self.in_flight = max(prefetch, workers)  # batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator[dict]:
-        mine = [(size, self._mine(indices)) for size, indices in self.batches]
-        wanted = (i for _, indices in mine for i in indices if i >= 0)
-        pending: collections.deque = collections.deque()
-        try:
-            for (bh, bw), indices in mine:
-                for i in itertools.islice(wanted, self.in_flight - len(pending)):
-                    pending.append(self.workers.submit(i))
-                images = np.zeros((self.local, bh, bw, 3), np.float32)  # zeros *after* normalising, as the FCN pads
-                labels = np.full((self.local, bh, bw), self.dataset.ignore_index, np.int32)
-                for row, i in enumerate(indices):
-                    if i >= 0:
-                        image, label = pending.popleft().result()
-                        images[row, :image.shape[0], :image.shape[1]] = image
-                        labels[row, :label.shape[0], :label.shape[1]] = label
-                yield {"image": images, "label": labels, "index": np.array(indices, np.int32)}
-        finally:
-            for future in pending:
-                future.cancel()
+        tasks = ((size, self._mine(indices)) for size, indices in self.batches)
+        with contextlib.closing(self.workers.in_order(tasks, self.in_flight)) as batches:
+            yield from batches
 
     def _mine(self, indices: list[int]) -> list[int]:
         """This process's rows of a global batch; -1 pads the last batch of a bucket."""
@@ -261,12 +250,19 @@ class EvalBatches:
         self.close()
 
 
-class _EvalSample:
-    """The worker task of :class:`EvalBatches`: index -> (normalised image, label)."""
+class _EvalBatch:
+    """The worker task of :class:`EvalBatches`: ``((H, W), indices)`` -> the padded batch of those samples."""
 
-    def __init__(self, dataset, normalization: str):
-        self.dataset, self.normalization = dataset, normalization
+    def __init__(self, dataset, normalization: str, rows: int):
+        self.dataset, self.normalization, self.rows = dataset, normalization, rows
 
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image, label = self.dataset[index]
-        return normalize(image, self.normalization), label
+    def __call__(self, task: tuple[tuple[int, int], list[int]]) -> dict:
+        (height, width), indices = task
+        images = np.zeros((self.rows, height, width, 3), np.float32)  # zeros *after* normalising, as the FCN pads
+        labels = np.full((self.rows, height, width), self.dataset.ignore_index, np.int32)
+        for row, i in enumerate(indices):
+            if i >= 0:
+                image, label = _named_failures(self.dataset.__getitem__, i)
+                images[row, :image.shape[0], :image.shape[1]] = normalize(image, self.normalization)
+                labels[row, :label.shape[0], :label.shape[1]] = label
+        return {"image": images, "label": labels, "index": np.array(indices, np.int32)}
