@@ -3,7 +3,11 @@ data-loading workers (which import the main script again) start in a fraction of
 that implement them are keyed by these names; tests/test_architecture.py checks that they agree.
 """
 
-ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcns")
+ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcns",  # the tutorial's
+         "fcn32s_paper", "fcn16s_paper", "fcn8s_paper", "fcn8s_atonce_paper",  # the paper's
+         "heatmap")  # the convolutionalized ImageNet classifier (not a segmenter)
+SEGMENTERS = ARCHS[:-1]
+TUTORIAL_ARCHS = ARCHS[:4]
 BACKBONES = ("vgg11", "vgg13", "vgg16", "vgg19")
 LOSSES = ("cross_entropy", "bce")
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")

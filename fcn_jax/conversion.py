@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from flax import nnx
 from fcn_jax import extras
 from fcn_jax.errors import WeightsError, check_values, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
+from fcn_jax.models.paper import Heatmap, PaperFCN
+from fcn_jax.models.vgg import conv_names
 
 log = logging.getLogger("fcn_jax")
 
@@ -37,19 +40,29 @@ class Field:
     torch: str  # tensor name in the torch layer
     flax: str  # variable name in the Flax layer
     perm: tuple[int, ...] | None = None  # torch -> Flax axis permutation
+    flat: bool = False  # torch holds the (out, in, kh, kw) kernel flattened to (out, in * kh * kw): a Linear
 
-    def to_flax(self, a: np.ndarray) -> np.ndarray:
+    def to_flax(self, a: np.ndarray, flax_shape: tuple) -> np.ndarray:
+        if self.flat:
+            a = a.reshape(self._unflattened(flax_shape))
         return a if self.perm is None else np.transpose(a, self.perm)
 
     def to_torch(self, a: np.ndarray) -> np.ndarray:
-        return a if self.perm is None else np.transpose(a, np.argsort(self.perm))
+        a = a if self.perm is None else np.transpose(a, np.argsort(self.perm))
+        return a.reshape(a.shape[0], -1) if self.flat else a
 
     def torch_shape(self, flax_shape: tuple) -> tuple:
+        shape = self._unflattened(flax_shape)
+        return (shape[0], int(np.prod(shape[1:]))) if self.flat else shape
+
+    def _unflattened(self, flax_shape: tuple) -> tuple:
         return flax_shape if self.perm is None else tuple(flax_shape[i] for i in np.argsort(self.perm))
 
 
 LAYER_KINDS: dict[str, tuple[Field, ...]] = {
     "conv": (Field("weight", "kernel", (2, 3, 1, 0)), Field("bias", "bias")),
+    "upsampling": (Field("weight", "kernel", (2, 3, 1, 0)),),  # the paper's bias-free ConvTranspose2d
+    "linear": (Field("weight", "kernel", (2, 3, 1, 0), flat=True), Field("bias", "bias")),  # fc as a conv
     "bn": (Field("weight", "scale"), Field("bias", "bias"), Field("running_mean", "mean"),
            Field("running_var", "var"), Field("num_batches_tracked", "num_batches_tracked")),
 }
@@ -64,7 +77,7 @@ class Layer:
     kind: str  # key of LAYER_KINDS
 
 
-def layer_table(model: FCN | VGGBackbone) -> list[Layer]:
+def layer_table(model: FCN | PaperFCN | Heatmap | VGGBackbone) -> list[Layer]:
     """The torch-module -> Flax-module table of ``model``, in torch's state_dict order."""
     if isinstance(model, VGGBackbone):
         return list(_backbone_layers(model, "features", ()))
@@ -73,7 +86,25 @@ def layer_table(model: FCN | VGGBackbone) -> list[Layer]:
                    for k in range(1, 6) for name, kind in (("deconv", "conv"), ("bn", "bn"))]
         return [*_backbone_layers(model.backbone, "pretrained_net.features", ("backbone",)), *decoder,
                 Layer("classifier", ("classifier",), "conv")]
-    raise TypeError(f"expected an fcn_jax FCN or VGGBackbone, got {type(model).__name__}")
+    if isinstance(model, PaperFCN):  # the published port's names
+        head = [Layer("score_fr", ("score_fr",), "conv")]
+        for _, score, upsampling, _, _ in model.skips:
+            head += [Layer(score, (score,), "conv"), Layer(upsampling, (upsampling,), "upsampling")]
+        return [*_paper_trunk(model), *head, Layer(model.upsample[0], (model.upsample[0],), "upsampling")]
+    if isinstance(model, Heatmap):  # torchvision's VGG, classifier included
+        return [*_backbone_layers(model.backbone, "features", ("vgg", "backbone")),
+                *(Layer(f"classifier.{i}", path, "linear") for i, path in TORCHVISION_FC.items())]
+    raise TypeError(f"expected an fcn_jax model or VGGBackbone, got {type(model).__name__}")
+
+
+TORCHVISION_FC = {0: ("vgg", "fc6"), 3: ("vgg", "fc7"), 6: ("fc8",)}  # classifier.i -> the convolution
+
+
+def _paper_trunk(model: PaperFCN) -> list[Layer]:
+    """conv1_1 .. conv5_3, fc6, fc7: what a paper net shares with (and loads from) an ImageNet VGG."""
+    convs = [Layer(name, ("vgg", "backbone", "convs", j), "conv")
+             for j, name in enumerate(conv_names(model.backbone.name))]
+    return [*convs, Layer("fc6", ("vgg", "fc6"), "conv"), Layer("fc7", ("vgg", "fc7"), "conv")]
 
 
 def _backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterator[Layer]:
@@ -83,9 +114,9 @@ def _backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterato
             yield Layer(f"{prefix}.{bn}", (*path, "bns", j), "bn")
 
 
-def torch_entries(model) -> Iterator[tuple[str, Field, nnx.Variable]]:
-    """``(torch key, field, Flax variable)`` for every tensor of the torch layout of ``model``."""
-    for layer in layer_table(model):
+def torch_entries(model, layers: list[Layer] | None = None) -> Iterator[tuple[str, Field, nnx.Variable]]:
+    """``(torch key, field, Flax variable)`` for every tensor of the torch layout of ``model`` (or of ``layers``)."""
+    for layer in layer_table(model) if layers is None else layers:
         module = model
         for p in layer.flax:
             module = module[p] if isinstance(p, int) else getattr(module, p)
@@ -95,6 +126,8 @@ def torch_entries(model) -> Iterator[tuple[str, Field, nnx.Variable]]:
 
 def describe(model) -> str:
     """``FCN8s(vgg16, batch_norm=False, num_classes=21)`` or ``VGGBackbone(vgg16_bn)``."""
+    if isinstance(model, (PaperFCN, Heatmap)):
+        return f"{type(model).__name__}({model.backbone.name}, num_classes={model.num_classes})"
     if isinstance(model, FCN):
         return (f"{type(model).__name__}({model.backbone.name}, batch_norm={model.backbone.batch_norm}, "
                 f"num_classes={model.num_classes})")
@@ -167,10 +200,22 @@ def _read_file(path: Path) -> Mapping:
 # Inspecting and loading
 
 
+PAPER_HEADS = {"upscore8.weight": "fcn8s_paper (or fcn8s_atonce_paper)", "upscore16.weight": "fcn16s_paper",
+               "upscore.weight": "fcn32s_paper"}
+
+
 def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
-    """What a torch state_dict holds: ``layout`` ("fcn" or "vgg"), ``backbone``, ``batch_norm``
-    and, for a whole FCN, ``num_classes``. The FCN arch cannot be told from the weights: all four
-    decoders have the same layers."""
+    """What a torch state_dict holds: ``layout`` ("fcn" for the tutorial's FCN, "paper" for the paper's, "vgg"
+    for torchvision's VGG), ``backbone``, ``batch_norm`` and, for a whole FCN, ``num_classes``. The tutorial's
+    FCN arch cannot be told from the weights (all four decoders have the same layers); the paper's can
+    (``arch``), except FCN-8s from FCN-8s at-once."""
+    if "conv1_1.weight" in sd:
+        n_convs = sum(1 for k in sd if re.fullmatch(r"conv\d+_\d+\.weight", k))
+        cfg = {"layout": "paper", "backbone": VGG_DEPTHS.get(n_convs), "batch_norm": False,
+               "arch": next((arch for key, arch in PAPER_HEADS.items() if key in sd), None)}
+        if "score_fr.weight" in sd:
+            cfg["num_classes"] = int(sd["score_fr.weight"].shape[0])
+        return cfg
     layout = "fcn" if any(k.startswith("pretrained_net.") for k in sd) else "vgg"
     prefix = "pretrained_net.features." if layout == "fcn" else "features."
     feats = {k: v for k, v in sd.items() if k.startswith(prefix)}
@@ -194,7 +239,7 @@ def _config_hints(found: dict, model) -> list[str]:
     if found["backbone"] and found["backbone"] != backbone.name:
         hints.append(f"the state_dict's backbone has the conv layers of {found['backbone']}: build the "
                      f"model with backbone={found['backbone']!r}")
-    if isinstance(model, FCN) and found.get("num_classes", model.num_classes) != model.num_classes:
+    if hasattr(model, "num_classes") and found.get("num_classes", model.num_classes) != model.num_classes:
         hints.append(f"the state_dict's classifier has {found['num_classes']} classes: build the model "
                      f"with num_classes={found['num_classes']}")
     return hints
@@ -221,7 +266,7 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     """
     sd = read_torch_state_dict(source)
     found = infer_config(sd)
-    ignored, notes = [], []
+    ignored, notes, layers = [], [], None
     if isinstance(model, VGGBackbone):
         if found["layout"] == "fcn":
             ignored = [k for k in sd if not k.startswith("pretrained_net.")]
@@ -233,11 +278,26 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
                          "does not use")
             ignored += fully_connected
             sd = {k: v for k, v in sd.items() if k not in fully_connected}
+    elif isinstance(model, PaperFCN):
+        if found["layout"] == "fcn":
+            raise WeightsError("this is the tutorial FCN's layout (pretrained_net.features.N, deconvK, bnK), not the "
+                               "paper's: build fcn32s, fcn16s, fcn8s or fcns (e.g. create_model('fcn8s', ...))")
+        if found["layout"] == "vgg":  # an ImageNet VGG: the shared trunk only
+            sd, ignored, notes = trunk_from_torchvision(sd, model)
+            layers = _paper_trunk(model)
+    elif isinstance(model, Heatmap):
+        if found["layout"] != "vgg":
+            raise WeightsError("the heatmap model loads torchvision's whole VGG state_dict (features.N.*, "
+                               "classifier.0/3/6.*); this one is an FCN's")
+    elif found["layout"] == "paper":
+        raise WeightsError(f"this is the paper's FCN layout (conv1_1, fc6, score_fr, upscore...): build "
+                           f"{found['arch'] or 'fcn32s_paper, fcn16s_paper or fcn8s_paper'} instead "
+                           f"(e.g. create_model('{(found['arch'] or 'fcn8s_paper').split()[0]}', ...))")
     elif found["layout"] == "vgg" and any(k.startswith("features.") for k in sd):
         raise WeightsError("this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
                            "into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")
 
-    entries = {key: (field, var) for key, field, var in torch_entries(model)}
+    entries = {key: (field, var) for key, field, var in torch_entries(model, layers)}
     missing = [(k, field.torch_shape(var.shape)) for k, (field, var) in entries.items() if k not in sd]
     unexpected = [(k, v.shape) for k, v in sd.items() if k not in entries] if strict else []
     misshaped = [(k, field.torch_shape(var.shape), sd[k].shape) for k, (field, var) in entries.items()
@@ -250,11 +310,35 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     for key, (field, var) in entries.items():
         # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
         # updates BatchNorm statistics in place.
-        var.set_value(jnp.array(field.to_flax(sd[key]), dtype=var.dtype, copy=True))
+        var.set_value(jnp.array(field.to_flax(sd[key], var.shape), dtype=var.dtype, copy=True))
     for note in notes:
         log.info(note)
     ignored += [k for k in sd if k not in entries]
     return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
+
+
+def trunk_from_torchvision(sd: dict, model: PaperFCN) -> tuple[dict, list[str], list[str]]:
+    """torchvision's VGG keys renamed to the paper's (``features.N`` -> ``convB_L``, ``classifier.0/3`` -> ``fc6``/
+    ``fc7``, reshaped to convolutions); ``(state_dict, ignored keys, notes)``. Keys that do not map stay as they
+    are, so that a VGG of another depth is reported as such."""
+    renamed, used = {}, set()
+    layers = zip(conv_names(model.backbone.name), torch_feature_indices(model.backbone.name, False), strict=True)
+    for name, (index, _) in layers:
+        for t in ("weight", "bias"):
+            if f"features.{index}.{t}" in sd:
+                renamed[f"{name}.{t}"] = sd[f"features.{index}.{t}"]
+                used.add(f"features.{index}.{t}")
+    for i, (name, shape) in {0: ("fc6", (4096, 512, 7, 7)), 3: ("fc7", (4096, 4096, 1, 1))}.items():
+        for t in ("weight", "bias"):
+            if (a := sd.get(f"classifier.{i}.{t}")) is not None:
+                renamed[f"{name}.{t}"] = a.reshape(shape) if t == "weight" and a.size == np.prod(shape) else a
+                used.add(f"classifier.{i}.{t}")
+    ignored = [k for k in ("classifier.6.weight", "classifier.6.bias") if k in sd]
+    renamed.update({k: v for k, v in sd.items() if k not in used and k not in ignored})
+    notes = [f"loaded the VGG trunk (convolutions, fc6 and fc7 as convolutions); {model.arch}'s score and "
+             f"upsampling layers keep their initial values" + ("; ImageNet's fc8 (classifier.6) is not used"
+                                                                if ignored else "")]
+    return renamed, ignored, notes
 
 
 def to_torch_state_dict(model: FCN | VGGBackbone, *, as_torch: bool = False) -> dict:

@@ -12,7 +12,7 @@ from flax import nnx
 from fcn_jax import extras
 from fcn_jax.conversion import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
 from fcn_jax.errors import ConfigError
-from fcn_jax.models import ARCHS, VGGBackbone, create_model
+from fcn_jax.models import ARCHS, Heatmap, PaperFCN, VGGBackbone, create_model
 from fcn_jax.weights import load_model, save_weights
 
 log = logging.getLogger("fcn_jax")
@@ -65,6 +65,14 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     if found["layout"] == "fcn" and arch is None:
         raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({', '.join(ARCHS)}); the four "
                           f"decoders have the same layers, so the weights cannot tell which one it is")
+    if found["layout"] == "paper" and arch is None:
+        if found["arch"] is None or " " in found["arch"]:
+            which = found["arch"] or "fcn32s_paper, fcn16s_paper, fcn8s_paper or fcn8s_atonce_paper"
+            raise ConfigError(f"this is one of the paper's FCNs: pass --arch ({which}); FCN-8s and FCN-8s at-once "
+                              f"have the same layers")
+        arch = found["arch"]
+    if arch == "heatmap" and num_classes is None and "classifier.6.weight" in sd:
+        num_classes = int(sd["classifier.6.weight"].shape[0])
     notes = []
     if arch is None:
         model = VGGBackbone(backbone, batch_norm=batch_norm, rngs=nnx.Rngs(seed))
@@ -74,8 +82,9 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
         if num_classes is None:
             raise ConfigError("pass --num-classes: the weights are a bare VGG backbone, the decoder is new")
         model = create_model(arch, num_classes=num_classes, backbone=backbone, batch_norm=batch_norm, seed=seed)
-        target = model.backbone if found["layout"] == "vgg" else model
-        if found["layout"] == "vgg":
+        whole = isinstance(model, (PaperFCN, Heatmap))  # these take a whole VGG, classifier included
+        target = model.backbone if found["layout"] == "vgg" and not whole else model
+        if found["layout"] == "vgg" and arch != "heatmap":
             notes.append(f"backbone from the VGG weights; decoder and classifier freshly initialised (seed {seed})")
             log.info(notes[-1])
     notes += load_torch_state_dict(target, sd).notes

@@ -52,13 +52,15 @@ def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = 
     """``(metrics, confusion matrix)`` of ``model`` (in eval mode) over all of ``dataset``. ``batch_size`` 0:
     one image per device; ``workers``: processes that read the samples (see :class:`fcn_jax.data.Loader`; 0:
     this one). The model's state is replicated over the devices and its mode left as it was."""
+    if not hasattr(model, "size_multiple"):
+        raise ConfigError(f"evaluate measures segmentation; a {type(model).__name__} model is not a segmenter")
     if model.num_classes != dataset.num_classes:
         raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {dataset.num_classes}")
     batch_size = device_batch_size(batch_size)
     mesh = make_mesh()
     replicate_state(model, mesh)
-    batches = EvalBatches(dataset, batch_size, normalization=normalization, process_index=jax.process_index(),
-                          process_count=jax.process_count(), workers=workers)
+    batches = EvalBatches(dataset, batch_size, normalization=normalization, multiple=model.size_multiple,
+                          process_index=jax.process_index(), process_count=jax.process_count(), workers=workers)
     bar = tqdm(total=len(batches), unit="batch", desc="evaluate", disable=not progress or jax.process_index())
     with batches, bar:
         conf = confusion_over(model, batches, mesh, dataset.num_classes, dataset.ignore_index, progress=bar)

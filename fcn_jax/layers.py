@@ -245,3 +245,13 @@ def _max_pool_bwd(residuals, dy):
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def pad_to_even(x: jax.Array) -> jax.Array:
+    """``x`` (NHWC, after ReLU or not) with an odd height or width padded by one row/column of -inf at the
+    bottom/right: a 2x2 max-pool of it is PyTorch's ``ceil_mode=True`` pool (the last window sees only its real
+    values; gradients reach only them)."""
+    h, w = x.shape[1:3]
+    if h % 2 == 0 and w % 2 == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)

@@ -10,10 +10,15 @@ from fcn_jax.conversion import describe
 
 
 def _part(name: str) -> str:
-    """backbone (``backbone.*``, or everything of a bare VGGBackbone), decoder or classifier."""
-    head = name.split(".", 1)[0]
+    """backbone (``backbone.*``, or everything of a bare VGGBackbone), decoder or classifier; for the paper's
+    networks fc6-fc8 ("fully connected, as convolutions") and the score and upsampling layers ("head")."""
+    head = name.removeprefix("vgg.").split(".", 1)[0]
     if re.fullmatch(r"(deconv|bn)\d", head):
         return "decoder"
+    if re.fullmatch(r"fc\d", head):
+        return "fc6-fc8"
+    if head.startswith(("score", "upscore")):
+        return "head"
     return "classifier" if head == "classifier" else "backbone"
 
 

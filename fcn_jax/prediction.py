@@ -126,6 +126,9 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
     has left is refused before any work, with the ``max_side`` that fits; ``names`` label the images in it."""
     if jax.process_count() > 1:
         raise ConfigError("predict runs on one host; use evaluate for multi-host runs")
+    if not hasattr(model, "size_multiple"):
+        raise ConfigError(f"predict segments images; a {type(model).__name__} model is not a segmenter (the heatmap "
+                          f"model gives ImageNet class maps: call it on the images)")
     if max_side is not None and max_side < 1:
         raise ConfigError(f"--max-side must be >= 1, got {max_side}")
     single = isinstance(images, np.ndarray) and images.ndim == 3
@@ -139,7 +142,7 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
     replicate_state(model, mesh)
     out: list[np.ndarray | None] = [None] * len(images)
     inputs = [_fit(image, max_side) for image in images]
-    batches = EvalBatches(_Images(inputs), batch_size, normalization=normalization)
+    batches = EvalBatches(_Images(inputs), batch_size, normalization=normalization, multiple=model.size_multiple)
     with in_mode(model, train=False):
         programs = _compile_buckets(model, batches, mesh)
         _check_memory(programs, batches, inputs, names)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from fcn_jax.conversion import describe
 from fcn_jax.errors import WeightsError, check_values, key_problems_message
-from fcn_jax.models import FCN, VGGBackbone, create_model
+from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model
 from fcn_jax.sharding import host_array
 
 FORMAT = "fcn-jax/1"
@@ -26,7 +26,7 @@ FORMAT = "fcn-jax/1"
 
 def model_config(model: FCN | VGGBackbone) -> dict:
     """The constructor arguments that rebuild ``model``'s architecture."""
-    if isinstance(model, FCN):
+    if isinstance(model, (FCN, PaperFCN, Heatmap)):
         return {"model": "fcn", "arch": model.arch, "backbone": model.backbone.name,
                 "batch_norm": model.backbone.batch_norm, "num_classes": model.num_classes}
     if isinstance(model, VGGBackbone):
@@ -121,7 +121,7 @@ def load_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> dict:
 def _copy_into(model, config: dict, tensors: dict, path) -> None:
     if isinstance(model, VGGBackbone) and config["model"] == "fcn":
         tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    elif isinstance(model, FCN) and config["model"] == "vgg":
+    elif isinstance(model, (FCN, PaperFCN, Heatmap)) and config["model"] == "vgg":
         raise WeightsError(f"{path} holds a bare {config['backbone']} backbone: load it with "
                            f"fcn_jax.load_weights(model.backbone, path)")
     want = flat_variables(model)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import fcn_jax
+from fcn_jax.choices import TUTORIAL_ARCHS
 from fcn_jax.errors import ConfigError, InputError
 from fcn_jax.models import feature_ranges, torch_feature_indices
 
@@ -49,7 +50,7 @@ def _stages(name):
     return stages
 
 
-@pytest.mark.parametrize("arch", fcn_jax.ARCHS)
+@pytest.mark.parametrize("arch", TUTORIAL_ARCHS)  # the paper's: tests/test_paper_models.py
 @pytest.mark.parametrize("h,w", [(32, 64), (1, 1), (45, 70)])
 def test_logits_have_input_size_and_num_classes(arch, h, w):
     model = fcn_jax.create_model(arch, num_classes=4, backbone="vgg11")

@@ -9,9 +9,11 @@ from flax import nnx
 from fcn_jax.choices import ARCHS
 from fcn_jax.errors import ConfigError
 from fcn_jax.models.fcn import FCN, FCN8s, FCN16s, FCN32s, FCNs
+from fcn_jax.models.paper import FCN8sAtOncePaper, FCN8sPaper, FCN16sPaper, FCN32sPaper, Heatmap, PaperFCN
 from fcn_jax.models.vgg import BACKBONES, CFGS, VGGBackbone, feature_ranges, torch_feature_indices
 
-MODELS: dict[str, type[FCN]] = {cls.arch: cls for cls in (FCN32s, FCN16s, FCN8s, FCNs)}  # keyed as ARCHS
+MODELS: dict[str, type] = {cls.arch: cls for cls in (FCN32s, FCN16s, FCN8s, FCNs, FCN32sPaper, FCN16sPaper,
+                                                      FCN8sPaper, FCN8sAtOncePaper, Heatmap)}  # keyed as ARCHS
 
 
 def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = "vgg16",
@@ -20,7 +22,9 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = 
     """Build an FCN with freshly initialised weights.
 
     Args:
-      arch: one of ``fcn32s``, ``fcn16s``, ``fcn8s``, ``fcns``.
+      arch: the tutorial's ``fcn32s``, ``fcn16s``, ``fcn8s``, ``fcns``; the paper's ``fcn32s_paper``,
+        ``fcn16s_paper``, ``fcn8s_paper``, ``fcn8s_atonce_paper`` (:mod:`fcn_jax.models.paper`; no BatchNorm);
+        ``heatmap``, the convolutionalized ImageNet classifier (``num_classes=1000``).
       num_classes: output channels of the logits.
       backbone: ``vgg11``, ``vgg13``, ``vgg16`` or ``vgg19``.
       batch_norm: use the ``vgg*_bn`` backbone (conv -> BatchNorm -> ReLU).
@@ -54,6 +58,8 @@ __all__ = [
     "FCN16s",
     "FCN32s",
     "FCNs",
+    "Heatmap",
+    "PaperFCN",
     "VGGBackbone",
     "create_model",
     "feature_ranges",

@@ -39,6 +39,7 @@ class FCN(nnx.Module):
     """
 
     arch: str = ""
+    size_multiple = STRIDE  # inputs are padded to it: batches may pad images to it too without changing logits
 
     def __init__(self, num_classes: int, *, backbone: str = "vgg16", batch_norm: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):

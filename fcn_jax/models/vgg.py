@@ -15,7 +15,7 @@ from flax import nnx
 
 from fcn_jax.choices import BACKBONES
 from fcn_jax.errors import ConfigError
-from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2
+from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2, pad_to_even
 
 CFGS: dict[str, tuple] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -32,6 +32,19 @@ def check_backbone_name(name: str) -> tuple:
         raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} "
                          f"(BatchNorm variants: pass batch_norm=True)")
     return CFGS[name]
+
+
+def conv_names(name: str) -> list[str]:
+    """The paper's names of the cfg's convolutions: ``conv1_1``, ``conv1_2``, ``conv2_1`` ... (``convB_L``: block
+    B, layer L), as in the PyTorch port of the Caffe FCN weights."""
+    names, block, layer = [], 1, 0
+    for v in check_backbone_name(name):
+        if v == "M":
+            block, layer = block + 1, 0
+        else:
+            layer += 1
+            names.append(f"conv{block}_{layer}")
+    return names
 
 
 def torch_feature_indices(name: str, batch_norm: bool) -> list[tuple[int, int | None]]:
@@ -69,17 +82,20 @@ class VGGBackbone(nnx.Module):
     expect RGB in [0, 1] normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
     """
 
-    def __init__(self, name: str = "vgg16", *, batch_norm: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
-        self.name, self.batch_norm = name, batch_norm
+    def __init__(self, name: str = "vgg16", *, batch_norm: bool = False, first_padding: int = 1,
+                 ceil_mode: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
+                 rngs: nnx.Rngs):
+        """``first_padding`` (the paper's nets: 100) pads the first convolution; ``ceil_mode`` rounds odd sizes up
+        in the pools instead of down, like PyTorch's ``MaxPool2d(2, 2, ceil_mode=True)``."""
+        self.name, self.batch_norm, self.ceil_mode = name, batch_norm, ceil_mode
         self.cfg = check_backbone_name(name)
         widths = [v for v in self.cfg if v != "M"]
         # fan_out He init, as torchvision initialises VGG.
         init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
         self.convs = nnx.List([
-            Conv2d(cin, cout, 3, padding=1, kernel_init=init, dtype=dtype, param_dtype=param_dtype,
-                   precision=precision, rngs=rngs)
-            for cin, cout in itertools.pairwise([3, *widths])])
+            Conv2d(cin, cout, 3, padding=first_padding if j == 0 else 1, kernel_init=init, dtype=dtype,
+                   param_dtype=param_dtype, precision=precision, rngs=rngs)
+            for j, (cin, cout) in enumerate(itertools.pairwise([3, *widths]))])
         self.bns = nnx.List([BatchNorm2d(c, dtype=dtype, param_dtype=param_dtype) for c in widths]
                             if batch_norm else [])
 
@@ -87,7 +103,7 @@ class VGGBackbone(nnx.Module):
         feats, j = {}, 0
         for v in self.cfg:
             if v == "M":
-                x = max_pool_2x2(x)
+                x = max_pool_2x2(pad_to_even(x) if self.ceil_mode else x)
                 feats[f"x{len(feats) + 1}"] = x
             else:
                 x = self.convs[j](x)

@@ -29,6 +29,7 @@ import optax
 import torch
 from flax import nnx
 
+from fcn_jax.choices import TUTORIAL_ARCHS
 from fcn_jax.conversion import infer_config, read_torch_state_dict
 from fcn_jax.errors import ConfigError
 from fcn_jax.models import create_model
@@ -170,6 +171,8 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
             seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
             speed: bool = True, torch_compile: bool = False, progress: bool = True) -> CompareResult:
     """Build both models, run the fidelity checks and the speed measurement; see the module doc."""
+    if arch not in TUTORIAL_ARCHS:
+        raise ConfigError(f"compare covers the tutorial's FCNs ({', '.join(TUTORIAL_ARCHS)}), not {arch} yet")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     with jax.enable_x64(float64), jax.default_matmul_precision("highest"):

@@ -26,10 +26,12 @@ from fcn_jax.conversion import (
     read_torch_state_dict,
     to_torch_state_dict,
     torch_entries,
+    trunk_from_torchvision,
 )
-from fcn_jax.models import FCN, VGGBackbone, create_model, torch_feature_indices
+from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model, torch_feature_indices
 from fcn_jax.modes import in_mode
 from fcn_jax.pytorch.io import from_numpy, to_numpy
+from fcn_jax.pytorch.paper_reference import build_paper_model
 from fcn_jax.pytorch.reference import VGGNet, build_torch_model, randomize_batchnorm_
 from fcn_jax.training.losses import cross_entropy
 
@@ -90,6 +92,8 @@ def torch_twin(model: FCN | VGGBackbone, state_dict: dict[str, np.ndarray] | Non
         state_dict = to_torch_state_dict(model)
     if isinstance(model, FCN):
         twin = build_torch_model(model.arch, model.num_classes, model.backbone.name, model.backbone.batch_norm)
+    elif isinstance(model, (PaperFCN, Heatmap)):
+        twin = build_paper_model(model.arch, model.num_classes, model.backbone.name)
     else:
         twin = VGGNet(model.name, batch_norm=model.batch_norm)
     twin.load_state_dict(from_numpy(state_dict), strict=True)
@@ -123,7 +127,7 @@ def compare_outputs(model, twin: torch.nn.Module, images_nchw: np.ndarray, *, tr
         twin.train(was_training)
     with in_mode(model, train=train), jax.default_matmul_precision("highest"):
         out = model(jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))
-    if isinstance(model, FCN):
+    if not isinstance(model, VGGBackbone):
         ref, out = {"logits": ref}, {"logits": out}
     return [relative_error(_nchw(out[name]), r.numpy(), name=name) for name, r in ref.items()]
 
@@ -133,6 +137,8 @@ def verify_conversion(model, original: dict, bare_vgg: bool, size: tuple[int, in
     an FCN built around a bare VGG, ``bare_vgg``: the VGG's weights and ``model``'s fresh decoder)."""
     state_dict = to_torch_state_dict(model)
     prefix = "pretrained_net." if bare_vgg and isinstance(model, FCN) else ""
+    if bare_vgg and isinstance(model, PaperFCN):  # the VGG's trunk under the paper's names
+        original = trunk_from_torchvision(original, model)[0]
     state_dict.update({prefix + k: v for k, v in original.items() if prefix + k in state_dict})
     images = np.random.default_rng(seed).standard_normal((2, 3, *size), dtype=np.float32)
     return compare_outputs(model, torch_twin(model, state_dict), images)

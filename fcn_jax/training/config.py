@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from fcn_jax import runs
-from fcn_jax.choices import ARCHS, BACKBONES, LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES
+from fcn_jax.choices import BACKBONES, LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES, SEGMENTERS
 from fcn_jax.errors import ConfigError, RunError
 
 
@@ -75,13 +75,15 @@ class TrainConfig:
     prefetch: int = _field(2, "batches the data workers prepare ahead", check=_at_least(1))
     device_prefetch: int = _field(2, "batches placed on the devices ahead of the step", check=_at_least(1))
     # model
-    arch: str = _field("fcns", "FCN variant", choices=ARCHS)
+    arch: str = _field("fcns", "FCN variant (the *_paper ones: the paper's networks, no BatchNorm)",
+                       choices=SEGMENTERS)
     backbone: str = _field("vgg11", "VGG depth", choices=BACKBONES)
     batch_norm: bool = _field(True, "use the vgg*_bn backbone")
     backbone_weights: str | None = _field(None, "fcn-jax .safetensors with a VGG backbone (from `fcn-jax convert`)"
                                                 " or a whole FCN, to initialise the backbone")
     init_weights: str | None = _field(None, "fcn-jax .safetensors of a whole FCN to start from")
     freeze_backbone: bool = _field(False, "train the decoder only (BatchNorm statistics still update)")
+    learn_upsampling: bool = _field(False, "train the paper nets' bilinear upsampling too (frozen by default)")
     dtype: str = _field("float32", "compute dtype (bfloat16 keeps float32 params and BN statistics)",
                         choices=("float32", "bfloat16"))
     # objective and optimisation

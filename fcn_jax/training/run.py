@@ -33,7 +33,7 @@ from fcn_jax.drawing import overlay_panel, plot_learning_curve
 from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
 from fcn_jax.evaluation import confusion_over
 from fcn_jax.metrics import metrics_table, segmentation_metrics
-from fcn_jax.models import create_model
+from fcn_jax.models import MODELS, create_model
 from fcn_jax.prediction import predict
 from fcn_jax.sharding import host_array, make_mesh, replicate_state
 from fcn_jax.training.checkpoint import RunCheckpoints
@@ -197,7 +197,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
     feeding = dict(workers=config.workers, prefetch=config.prefetch)
     train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, normalization=None,  # on device
                           augment=Augment(config.crop, tuple(config.scale), config.hflip), **feeding, **shard)
-    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization, **feeding,
+    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization,
+                             multiple=MODELS[config.arch].size_multiple, **feeding,
                              **shard)
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
     labels = {"class_names": class_names, "palette": datasets["train"].palette}  # stored with the weights
@@ -215,7 +216,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                              power=config.power)
     tx = make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
                         weight_decay=config.weight_decay)
-    optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone))
+    optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone, config.learn_upsampling))
     mesh = make_mesh()
     replicate_state((model, optimizer), mesh)
     loss_fn = functools.partial(get_loss(config.loss), ignore_index=config.ignore_index,
@@ -284,7 +285,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                                                  config.device_prefetch):
                     data_state = data_states.popleft()
                     meter.add(train_step(model, optimizer, batch["image"], batch["label"], loss_fn,
-                                         config.normalization))
+                                         config.normalization, config.seed))
                     step += 1
                     bar.update(1)
                     end_of_epoch = data_state["batch"] == len(train_loader)

@@ -8,22 +8,25 @@ import jax
 from flax import nnx
 
 from fcn_jax.device_input import normalize_on_device
+from fcn_jax.models.paper import Upsampling
 
 
 def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn,
-                normalization: str | None = None) -> jax.Array:
+                normalization: str | None = None, dropout_seed: int = 0) -> jax.Array:
     if normalization is not None:
         images = normalize_on_device(images, normalization)
+    key = jax.random.fold_in(jax.random.key(dropout_seed), optimizer.step[...])  # the paper's nets' dropout
 
     def compute_loss(model):
-        return loss_fn(model(images), labels)
+        extra = {"rngs": nnx.Rngs(dropout=key)} if getattr(model, "takes_dropout_rngs", False) else {}
+        return loss_fn(model(images, **extra), labels)
 
     loss, grads = nnx.value_and_grad(compute_loss, argnums=nnx.DiffState(0, optimizer.wrt))(model)
     optimizer.update(model, grads)
     return loss
 
 
-_STATIC = ("loss_fn", "normalization")
+_STATIC = ("loss_fn", "normalization", "dropout_seed")
 _train_step_in_place = nnx.jit(_train_step, static_argnames=_STATIC, donate_argnames=("model", "optimizer"))
 _train_step_new_buffers = nnx.jit(_train_step, static_argnames=_STATIC)
 
@@ -41,15 +44,23 @@ def jitted_train_step():
 
 
 def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.Array, loss_fn,
-               normalization: str | None = None) -> jax.Array:
+               normalization: str | None = None, dropout_seed: int = 0) -> jax.Array:
     """One SGD step in train mode: forward, loss, backward, optimizer update and BatchNorm running
     statistics, all in one compiled program (see :func:`jitted_train_step`). Returns the loss (before
     the update), on the devices. ``images``: float network input, or uint8 RGB with ``normalization``
-    (``"imagenet"`` or ``"reference"``: normalised inside the program, see :mod:`fcn_jax.device_input`)."""
-    return jitted_train_step()(model, optimizer, images, labels, loss_fn, normalization)
+    (``"imagenet"`` or ``"reference"``: normalised inside the program, see :mod:`fcn_jax.device_input`).
+    Models with dropout (the paper's) draw their masks from ``dropout_seed`` and the optimizer's step count."""
+    return jitted_train_step()(model, optimizer, images, labels, loss_fn, normalization, dropout_seed)
 
 
-def trainable(freeze_backbone: bool):
-    """The parameters the optimizer updates: all, or all but the backbone's."""
-    return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("backbone"))) if freeze_backbone else nnx.Param
+def trainable(freeze_backbone: bool, learn_upsampling: bool = False):
+    """The parameters the optimizer updates (and decays): all but the backbone's with ``freeze_backbone``, and
+    never the paper nets' bilinear upsampling kernels (:class:`~fcn_jax.models.paper.Upsampling`) unless
+    ``learn_upsampling``."""
+    parts = [nnx.Param]
+    if not learn_upsampling:
+        parts.append(nnx.Not(Upsampling))
+    if freeze_backbone:
+        parts.append(nnx.Not(nnx.PathContains("backbone")))
+    return nnx.All(*parts)
 

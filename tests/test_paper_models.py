@@ -1,0 +1,208 @@
+"""The paper's FCNs and the convolutionalized VGG: against their PyTorch reference (written from the published
+description) and torchvision, the published weight layout both ways, and what training may change."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import fcn_jax
+from fcn_jax.errors import WeightsError
+from fcn_jax.layers import max_pool_2x2, pad_to_even
+from fcn_jax.models import MODELS
+from fcn_jax.models.paper import Upsampling, bilinear_kernel
+from fcn_jax.training.losses import cross_entropy
+from fcn_jax.training.step import train_step, trainable
+from tests.helpers import assert_close, nchw, nhwc
+
+PAPER_ARCHS = ("fcn32s_paper", "fcn16s_paper", "fcn8s_paper", "fcn8s_atonce_paper")
+
+
+def _pair(arch, backbone="vgg11", num_classes=5, seed=1, dropout=0.5):
+    from fcn_jax.pytorch.paper_reference import build_paper_model
+
+    twin = build_paper_model(arch, num_classes, backbone, seed=seed)
+    model = MODELS[arch](num_classes, backbone=backbone, dropout=dropout, rngs=nnx.Rngs(0))
+    fcn_jax.load_torch_state_dict(model, {k: v.numpy() for k, v in twin.state_dict().items()})
+    return model, twin
+
+
+def _check_logits(model, twin, torch, size, *, train=False, rtol=1e-5):
+    x = np.random.default_rng(sum(size)).standard_normal((2, 3, *size)).astype(np.float32)
+    twin.train(train)
+    model.train() if train else model.eval()
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x)).numpy()
+    with jax.default_matmul_precision("highest"):
+        out = nchw(np.asarray(model(jnp.asarray(nhwc(x)))))
+    assert out.shape == ref.shape == (2, model.num_classes, *size)
+    assert_close(out, ref, rtol, f"{model.arch} {size}")
+
+
+def test_the_upsampling_starts_as_the_published_bilinear_kernel():
+    k = bilinear_kernel(4, 3)
+    ramp = np.array([0.25, 0.75, 0.75, 0.25])
+    np.testing.assert_allclose(k[:, :, 1, 1], np.outer(ramp, ramp))
+    assert not k[:, :, 0, 1].any() and not k[:, :, 2, 0].any()
+    odd = bilinear_kernel(3, 1)[:, :, 0, 0]
+    np.testing.assert_allclose(odd[1], [0.5, 1.0, 0.5])
+
+
+def test_ceil_mode_pooling_matches_pytorch_forward_and_backward(torch):
+    x = np.random.default_rng(0).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    tx = torch.from_numpy(nchw(x)).requires_grad_(True)
+    ref = torch.nn.functional.max_pool2d(tx, 2, 2, ceil_mode=True)
+    ref.sum().backward()
+
+    def pooled_sum(v):
+        return max_pool_2x2(pad_to_even(v)).sum()
+
+    out = max_pool_2x2(pad_to_even(jnp.asarray(x)))
+    np.testing.assert_array_equal(nchw(np.asarray(out)), ref.detach().numpy())
+    np.testing.assert_array_equal(nchw(np.asarray(jax.grad(pooled_sum)(jnp.asarray(x)))), tx.grad.numpy())
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=[] if a == "fcn8s_atonce_paper" else [pytest.mark.slow])
+                                  for a in PAPER_ARCHS])
+def test_each_paper_head_matches_the_reference_at_any_size(torch, arch):
+    model, twin = _pair(arch)
+    for size in ((1, 1), (31, 47)):
+        _check_logits(model, twin, torch, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["vgg13", "vgg16", "vgg19"])
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
+def test_every_head_and_depth_matches_the_reference(torch, arch, backbone):
+    model, twin = _pair(arch, backbone)
+    _check_logits(model, twin, torch, (33, 40))
+
+
+@pytest.mark.slow
+def test_train_mode_with_dropout_off_and_odd_sizes_match(torch):
+    model, twin = _pair("fcn8s_paper", dropout=0.0)
+    twin.drop6.p = twin.drop7.p = 0.0
+    for size in ((97, 131), (2, 3)):
+        _check_logits(model, twin, torch, size, train=True)
+
+
+@pytest.mark.slow
+def test_float64_gradients_match(torch):
+    from fcn_jax.pytorch.paper_reference import build_paper_model
+
+    twin = build_paper_model("fcn16s_paper", 4, "vgg11", seed=2).double().eval()
+    x = np.random.default_rng(3).standard_normal((1, 3, 21, 26))
+    weights = np.random.default_rng(4).standard_normal((1, 4, 21, 26))
+    tx = torch.from_numpy(x)
+    (twin(tx) * torch.from_numpy(weights)).sum().backward()
+    with jax.enable_x64(True):
+        model = MODELS["fcn16s_paper"](4, backbone="vgg11", dtype=jnp.float64, param_dtype=jnp.float64,
+                                       rngs=nnx.Rngs(0))
+        fcn_jax.load_torch_state_dict(model, {k: v.detach().numpy() for k, v in twin.state_dict().items()})
+        model.eval()
+
+        def objective(model):
+            return (model(jnp.asarray(nhwc(x))) * jnp.asarray(nhwc(weights))).sum()
+
+        grads = nnx.grad(objective)(model)
+        for name, param in twin.named_parameters():
+            ours = {"score_fr": grads.score_fr, "score_pool4": grads.score_pool4}.get(name.split(".")[0])
+            if ours is not None:
+                field = "kernel" if name.endswith("weight") else "bias"
+                g = np.asarray(getattr(ours, field)[...])
+                g = g.transpose(3, 2, 0, 1) if g.ndim == 4 else g
+                assert_close(g, param.grad.numpy(), 1e-10, name)
+        conv = np.asarray(grads.vgg.backbone.convs[0].kernel[...]).transpose(3, 2, 0, 1)
+        assert_close(conv, twin.conv1_1.weight.grad.numpy(), 1e-10, "conv1_1")
+
+
+@pytest.mark.slow
+def test_published_weights_load_bare_and_wrapped_and_convert_back_exactly(torch, tmp_path):
+    from fcn_jax.pytorch.paper_reference import build_paper_model
+
+    state = build_paper_model("fcn8s_paper", 21, "vgg11").state_dict()
+    torch.save({"model_state_dict": state}, tmp_path / "wrapped.pth")
+    model = fcn_jax.create_model("fcn8s_paper", num_classes=21, backbone="vgg11")
+    fcn_jax.load_torch_state_dict(model, tmp_path / "wrapped.pth")
+    back = fcn_jax.to_torch_state_dict(model)
+    assert set(back) == set(state)
+    assert all(np.array_equal(back[k], v.numpy()) for k, v in state.items())
+    again = fcn_jax.create_model("fcn8s_paper", num_classes=21, backbone="vgg11", seed=1)
+    fcn_jax.load_torch_state_dict(again, back)  # the bare state_dict
+    assert np.array_equal(again.upscore8.kernel[...], model.upscore8.kernel[...])
+
+
+def test_a_layout_given_to_the_other_family_names_the_right_arch():
+    paper = {"conv1_1.weight": np.zeros(1), "score_fr.weight": np.zeros((21, 1, 1, 1)), "upscore16.weight": 0}
+    tutorial = {"pretrained_net.features.0.weight": np.zeros(1), "classifier.weight": np.zeros((21, 1, 1, 1))}
+    with pytest.raises(WeightsError, match=r"the paper's FCN layout .* build fcn16s_paper"):
+        fcn_jax.load_torch_state_dict(nnx.eval_shape(lambda: fcn_jax.create_model("fcn16s", backbone="vgg11")),
+                                      {k: np.asarray(v) for k, v in paper.items()})
+    with pytest.raises(WeightsError, match=r"tutorial FCN's layout .* build fcn32s, fcn16s, fcn8s or fcns"):
+        fcn_jax.load_torch_state_dict(
+            nnx.eval_shape(lambda: fcn_jax.create_model("fcn16s_paper", backbone="vgg11")), tutorial)
+
+
+@pytest.mark.slow
+def test_the_heatmap_at_224_is_torchvisions_classifier_and_scores_larger_images(torch):
+    import torchvision
+
+    from fcn_jax.pytorch.paper_reference import Heatmap
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11().eval()
+    heatmap = fcn_jax.create_model("heatmap", num_classes=1000, backbone="vgg11")
+    fcn_jax.load_torch_state_dict(heatmap, vgg.state_dict())
+    heatmap.eval()
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad(), jax.default_matmul_precision("highest"):
+        logits = vgg(torch.from_numpy(x)).numpy()
+        scores = np.asarray(heatmap(jnp.asarray(nhwc(x))))
+        assert scores.shape == (2, 1, 1, 1000)
+        assert_close(scores[:, 0, 0], logits, 1e-5, "224x224 logits")
+        conv_twin = Heatmap(1000, "vgg11").eval()
+        conv_twin.load_state_dict(vgg.state_dict())
+        big = np.random.default_rng(2).standard_normal((1, 3, 256, 300)).astype(np.float32)
+        assert_close(nchw(np.asarray(heatmap(jnp.asarray(nhwc(big))))), conv_twin(torch.from_numpy(big)).numpy(),
+                     1e-5, "heatmap 256x300")
+    back = fcn_jax.to_torch_state_dict(heatmap)
+    assert all(np.array_equal(back[k], v.numpy()) for k, v in vgg.state_dict().items())
+
+
+@pytest.mark.slow
+def test_an_imagenet_vgg_initialises_the_paper_trunk_and_leaves_the_head(torch):
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = torchvision.models.vgg11()
+    model = fcn_jax.create_model("fcn32s_paper", num_classes=5, backbone="vgg11")
+    report = fcn_jax.load_torch_state_dict(model, vgg.state_dict())
+    assert any("fc8 (classifier.6) is not used" in note for note in report.notes)
+    assert report.ignored == ["classifier.6.weight", "classifier.6.bias"]
+    fc6 = vgg.classifier[0].weight.detach().numpy().reshape(4096, 512, 7, 7).transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(model.vgg.fc6.kernel[...], fc6)
+    assert not np.asarray(model.score_fr.kernel[...]).any()  # the head keeps its (zero) initialisation
+
+
+@pytest.mark.slow
+def test_training_leaves_the_upsampling_frozen_unless_asked_and_dropout_follows_seed_and_step():
+    def step(learn_upsampling=False, dropout_seed=0):
+        model = fcn_jax.create_model("fcn16s_paper", num_classes=3, backbone="vgg11", seed=0)
+        model.score_fr.kernel.set_value(0.01 * jax.random.normal(jax.random.key(0), model.score_fr.kernel.shape))
+        optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=trainable(False, learn_upsampling))
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 12, 12, 3)), jnp.float32)
+        y = jnp.asarray(np.random.default_rng(1).integers(0, 3, (1, 12, 12)))
+        before = np.asarray(model.upscore2.kernel[...])
+        loss = float(train_step(model, optimizer, x, y, cross_entropy, dropout_seed=dropout_seed))
+        return loss, not np.array_equal(before, model.upscore2.kernel[...])
+
+    assert isinstance(fcn_jax.create_model("fcn16s_paper", backbone="vgg11").upscore2.kernel, Upsampling)
+    frozen_loss, changed = step()
+    assert not changed
+    assert step(learn_upsampling=True)[1]
+    assert step()[0] == frozen_loss  # the same seed and step: the same dropout masks
+    assert step(dropout_seed=1)[0] != frozen_loss
