@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.models import ARCHS, BACKBONES
+from fcn_jax.choices import TUTORIAL_ARCHS as ARCHS
+from fcn_jax.models import BACKBONES
 from fcn_jax.pytorch.compare import build_pair, environment, make_batch
 from fcn_jax.pytorch.speed import measure_speed
 from fcn_jax.training.config import parse_size

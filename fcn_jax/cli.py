@@ -76,6 +76,16 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_heatmap(args) -> int:
+    from fcn_jax.heatmaps import run_heatmap
+
+    for name, peak in run_heatmap(args.weights, args.image, args.output, top=args.top,
+                                  normalization=args.normalization):
+        print(f"{name:<30} peak probability {peak:.3f}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def _cmd_summary(args) -> int:
     from flax import nnx
 
@@ -215,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write every figure to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("heatmap", help="where the convolutionalized ImageNet classifier sees its top classes",
+                       description="Score ImageNet's classes at every 32-pixel step of an image (at least 224x224) "
+                                   "with the heatmap model and draw the top classes' probability maps over it.")
+    p.add_argument("weights", help="an fcn-jax heatmap file (`fcn-jax convert --torchvision vgg16 --arch heatmap`)")
+    p.add_argument("image")
+    p.add_argument("--output", required=True, help="the picture (.png or .jpg)")
+    p.add_argument("--top", type=int, default=3, help="classes to draw (default: 3)")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default="imagenet",
+                   help="imagenet for torchvision's weights")
+    p.set_defaults(func=_cmd_heatmap)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

@@ -88,7 +88,10 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
             notes.append(f"backbone from the VGG weights; decoder and classifier freshly initialised (seed {seed})")
             log.info(notes[-1])
     notes += load_torch_state_dict(target, sd).notes
-    save_weights(model, output)
+    names = None
+    if arch == "heatmap" and model.num_classes == 1000:  # ImageNet's classifier: keep its class names
+        names = extras.pytorch("hub", "ImageNet's class names").imagenet_categories()
+    save_weights(model, output, class_names=names)
     differences = _verify(model, sd, found["layout"] == "vgg", verify_size, seed) if verify else []
     return ConvertResult(output, model, notes, differences)
 

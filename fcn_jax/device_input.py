@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.data.pipeline import normalize
+from fcn_jax.data.pipeline import BGR_MODES, normalize
 from fcn_jax.errors import ConfigError
 from fcn_jax.sharding import shard_batch
 
 
 def normalization_table(mode: str) -> np.ndarray:
     """float32 ``(256, 3)``: entry ``[v, c]`` is output channel ``c`` for a value ``v`` of that channel's
-    source (the reference mode's BGR order takes it from input channel ``2 - c``)."""
+    source (the BGR modes take it from input channel ``2 - c``)."""
     values = np.broadcast_to(np.arange(256, dtype=np.uint8)[:, None, None], (256, 1, 3))
     return normalize(np.ascontiguousarray(values), mode)[:, 0]
 
@@ -31,7 +31,7 @@ def normalization_table(mode: str) -> np.ndarray:
 def normalize_on_device(images: jax.Array, mode: str) -> jax.Array:
     """uint8 RGB ``(..., H, W, 3)`` -> float32, bit-identical to :func:`fcn_jax.data.normalize` on the host
     (inside ``jit``; ``mode`` static)."""
-    if mode == "reference":
+    if mode in BGR_MODES:
         images = images[..., ::-1]
     return jnp.asarray(normalization_table(mode))[images.astype(jnp.int32), jnp.arange(3)]
 

@@ -67,6 +67,25 @@ def overlay_panel(image: np.ndarray, label: np.ndarray, pred: np.ndarray, palett
                     ("prediction", blend(image, pred, palette, ignore_index))], palette, class_names)
 
 
+def heatmap_picture(image: np.ndarray, maps: np.ndarray, names: list[str], top: int) -> Image.Image:
+    """The image, then one panel per class among the ``top`` with the highest probability anywhere: its map,
+    upsampled to the image, in red over a dimmed copy, titled with the class name and its peak probability."""
+    best = np.argsort(-maps.reshape(-1, maps.shape[-1]).max(0))[:top]
+    h, w = image.shape[:2]
+    panels = [("image", image)]
+    for c in best:
+        heat = np.asarray(Image.fromarray((255 * maps[..., c]).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        tinted = 0.5 * image.astype(np.float32)
+        tinted[..., 0] += 0.5 * heat
+        panels.append((f"{names[c]} ({maps[..., c].max():.2f})", np.clip(tinted, 0, 255).astype(np.uint8)))
+    canvas = Image.new("RGB", (w * len(panels), h + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, (title, panel) in enumerate(panels):
+        canvas.paste(Image.fromarray(panel), (k * w, 20))
+        draw.text((k * w + 4, 4), title, fill="black")
+    return canvas
+
+
 def _pyplot():
     import matplotlib
 

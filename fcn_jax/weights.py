@@ -140,6 +140,23 @@ def _copy_into(model, config: dict, tensors: dict, path) -> None:
         var.set_value(jnp.asarray(tensors[k], dtype=var.dtype))
 
 
+def load_matching(model, path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """Staged initialisation: copy every variable of the file whose name and shape match one of ``model``'s
+    (e.g. FCN-16s from a trained FCN-32s, or a paper net's trunk from a ``heatmap`` file); returns ``(copied,
+    left)``, the names copied and those left at their initial values. A file with nothing in common is an
+    error."""
+    config, tensors = read_weights(path)
+    want = flat_variables(model)
+    copied = [k for k, var in want.items() if k in tensors and tensors[k].shape == var.shape]
+    if not copied:
+        raise WeightsError(f"{path} ({config.get('arch') or config['model']}, {config['backbone']}) has no variable of "
+                           f"the same name and shape as {describe(model)}'s")
+    check_values(path, {k: (tensors[k], jnp.issubdtype(want[k].dtype, jnp.floating)) for k in copied})
+    for k in copied:
+        want[k].set_value(jnp.asarray(tensors[k], dtype=want[k].dtype))
+    return copied, [k for k in want if k not in copied]
+
+
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                precision=None) -> FCN | VGGBackbone:
     """Rebuild the model saved by :func:`save_weights` (architecture from the file's metadata).

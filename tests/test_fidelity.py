@@ -16,12 +16,13 @@ import pytest
 from flax import nnx
 
 import fcn_jax
+from fcn_jax.choices import TUTORIAL_ARCHS
 from fcn_jax.models import torch_feature_indices
 from fcn_jax.models.fcn import FCN
 from fcn_jax.pytorch.parity import jax_twin, random_reference
 from tests.helpers import assert_close, nchw, nhwc
 
-MODELS = list(itertools.product(fcn_jax.ARCHS, fcn_jax.BACKBONES, (False, True)))
+MODELS = list(itertools.product(TUTORIAL_ARCHS, fcn_jax.BACKBONES, (False, True)))  # the paper's: test_paper_models
 
 
 def matrix(fast: tuple):

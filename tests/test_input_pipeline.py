@@ -207,7 +207,7 @@ def test_device_normalisation_gives_the_hosts_bits():
     images = np.concatenate([rng.integers(0, 256, (2, 16, 16, 3)),
                              np.broadcast_to(np.arange(256)[None, :, None, None], (2, 256, 16, 3))], axis=1)
     images = images.astype(np.uint8)
-    for mode in ("imagenet", "reference"):
+    for mode in ("imagenet", "reference", "caffe"):
         on_device = np.asarray(jax.jit(normalize_on_device, static_argnums=1)(jnp.asarray(images), mode))
         np.testing.assert_array_equal(on_device, normalize(images, mode))
 

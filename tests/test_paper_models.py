@@ -206,3 +206,78 @@ def test_training_leaves_the_upsampling_frozen_unless_asked_and_dropout_follows_
     assert step(learn_upsampling=True)[1]
     assert step()[0] == frozen_loss  # the same seed and step: the same dropout masks
     assert step(dropout_seed=1)[0] != frozen_loss
+
+
+def test_the_caffe_input_convention():
+    from fcn_jax.data import normalize
+
+    pixel = np.array([[[10, 20, 30]]], np.uint8)  # RGB
+    np.testing.assert_allclose(normalize(pixel, "caffe")[0, 0], [30 - 104.00698793, 20 - 116.66876762,
+                                                                 10 - 122.67891434], rtol=1e-6)
+
+
+def test_the_summed_loss_is_the_mean_times_the_valid_pixels():
+    from fcn_jax.training.losses import cross_entropy_sum
+
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 6, 4))
+    labels = jnp.asarray(np.random.default_rng(0).integers(0, 4, (2, 5, 6))).at[0, 0, :3].set(255)
+    np.testing.assert_allclose(float(cross_entropy_sum(logits, labels)),
+                               float(cross_entropy(logits, labels)) * (2 * 5 * 6 - 3), rtol=1e-5)
+
+
+def test_biases_can_learn_twice_as_fast_without_weight_decay():
+    from fcn_jax.training.optim import make_optimizer
+
+    params = {"conv": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}}
+    grads = {"conv": {"kernel": jnp.full((2, 2), 0.5), "bias": jnp.full(2, 0.5)}}
+    tx = make_optimizer("sgd", optax.constant_schedule(0.1), momentum=0.0, weight_decay=0.01, bias_lr_factor=2.0,
+                        decay_biases=False)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["conv"]["kernel"], -0.1 * (0.5 + 0.01 * 1.0))
+    np.testing.assert_allclose(updates["conv"]["bias"], -0.2 * 0.5)
+
+
+def test_the_paper_presets_follow_the_published_recipe():
+    from fcn_jax.training.config import resolve_config
+
+    lrs = {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14, "fcn8s_atonce": 1e-10}
+    for name, lr in lrs.items():
+        config = resolve_config(f"voc-{name}-paper", data_dir="data")
+        assert (config.arch, config.lr, config.batch_size, config.loss) == (f"{name}_paper", lr, 1, "cross_entropy_sum")
+        assert (config.momentum, config.weight_decay, config.bias_lr_factor, config.decay_biases) == (0.99, 5e-4, 2.0,
+                                                                                                      False)
+        assert config.normalization == "caffe" and not config.learn_upsampling and not config.batch_norm
+
+
+@pytest.mark.slow
+def test_fcn16s_starts_from_a_trained_fcn32s_layer_by_layer(tmp_path):
+    from fcn_jax.weights import load_matching
+
+    fcn32s = fcn_jax.create_model("fcn32s_paper", num_classes=3, backbone="vgg11", seed=1)
+    fcn_jax.save_weights(fcn32s, tmp_path / "fcn32s.safetensors")
+    fcn16s = fcn_jax.create_model("fcn16s_paper", num_classes=3, backbone="vgg11", seed=2)
+    copied, left = load_matching(fcn16s, tmp_path / "fcn32s.safetensors")
+    assert "vgg.fc6.kernel" in copied and "score_fr.bias" in copied
+    assert set(left) == {"score_pool4.kernel", "score_pool4.bias", "upscore2.kernel", "upscore16.kernel"}
+    np.testing.assert_array_equal(fcn16s.vgg.fc7.kernel[...], fcn32s.vgg.fc7.kernel[...])
+
+
+@pytest.mark.slow
+def test_the_heatmap_command_draws_the_top_classes_with_their_names(tmp_path, capsys):
+    from PIL import Image
+
+    from fcn_jax.cli import main
+
+    model = fcn_jax.create_model("heatmap", num_classes=4, backbone="vgg11", seed=0)
+    names = ["tabby cat", "dog", "car", "boat"]
+    fcn_jax.save_weights(model, tmp_path / "heat.safetensors", class_names=names)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 256, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "a_heat.png"
+    assert main(["heatmap", str(tmp_path / "heat.safetensors"), str(tmp_path / "a.png"), "--output", str(out),
+                 "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert sum(name in printed for name in names) == 2 and Image.open(out).size == (3 * 256, 224 + 20)
+    Image.fromarray(np.zeros((100, 300, 3), np.uint8)).save(tmp_path / "small.png")
+    assert main(["heatmap", str(tmp_path / "heat.safetensors"), str(tmp_path / "small.png"), "--output",
+                 str(out)]) == 2
+    assert "at least 224x224" in capsys.readouterr().err

@@ -22,3 +22,8 @@ def torchvision_state_dict(name: str) -> dict:
             f"could not download torchvision's {name} weights from {weights.url} ({e}). On a machine with "
             f"internet run `fcn-jax convert --torchvision {name} --output {name}.safetensors` and copy the "
             f"file here, or download {weights.url} and pass it with --input") from e
+
+
+def imagenet_categories() -> list[str]:
+    """ImageNet's 1000 class names, as torchvision ships them with its weight enums (no download)."""
+    return list(models.VGG16_Weights.IMAGENET1K_V1.meta["categories"])

@@ -96,6 +96,9 @@ class TrainConfig:
     momentum: float = _field(0.9, "SGD/RMSprop momentum", check=_fraction)
     nesterov: bool = _field(False, "Nesterov momentum (SGD)")
     weight_decay: float = _field(1e-4, "L2 (SGD, RMSprop) or decoupled (AdamW) weight decay", check=_at_least(0))
+    bias_lr_factor: float = _field(1.0, "biases learn at this multiple of the learning rate (the paper: 2)",
+                                   check=_above(0))
+    decay_biases: bool = _field(True, "apply weight decay to biases too (the paper: no)")
     schedule: str = _field("cosine", "learning-rate schedule", choices=SCHEDULES)
     warmup_steps: int = _field(30, "linear warm-up steps", check=_at_least(0))
     step_epochs: int = _field(50, "step schedule: decay every this many epochs", check=_at_least(1))
@@ -157,6 +160,15 @@ PRESETS: dict[str, dict] = {
         batch_norm=False, loss="cross_entropy", optimizer="sgd",
         lr=1.75e-5, momentum=0.99, weight_decay=5e-4, schedule="constant", warmup_steps=0, epochs=50,
         batch_size=1, hflip=True, normalization="imagenet", backbone_weights="vgg16.safetensors"),
+    # The paper's networks and recipe (README, "The paper's networks"): batch 1 whole images, no augmentation,
+    # summed cross-entropy, SGD momentum 0.99, weight decay 5e-4 on weights, biases at 2x lr, frozen
+    # upsampling, Caffe's input; ~100k iterations of SBD train. Staged: 16s from a trained 32s, 8s from a 16s.
+    **{f"voc-{name}-paper": dict(
+        dataset="voc", train_split="train_aug", val_split="seg11valid", arch=f"{name}_paper", backbone="vgg16",
+        batch_norm=False, loss="cross_entropy_sum", optimizer="sgd", lr=lr, momentum=0.99, weight_decay=5e-4,
+        bias_lr_factor=2.0, decay_biases=False, schedule="constant", warmup_steps=0, epochs=12, batch_size=1,
+        hflip=False, normalization="caffe", backbone_weights="vgg16_heatmap.safetensors")
+       for name, lr in (("fcn32s", 1e-10), ("fcn16s", 1e-12), ("fcn8s", 1e-14), ("fcn8s_atonce", 1e-10))},
 }
 
 def parse_size(text: str) -> tuple[int, int]:

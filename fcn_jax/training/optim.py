@@ -13,6 +13,7 @@ segmentation schedule) and ``cosine``; any of them after ``warmup_steps`` of lin
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from fcn_jax.choices import OPTIMIZERS, SCHEDULES
@@ -39,8 +40,30 @@ def make_schedule(name: str, lr: float, *, total_steps: int, steps_per_epoch: in
 
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 0.0, rmsprop_alpha: float = 0.99,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+                   weight_decay: float = 0.0, rmsprop_alpha: float = 0.99, eps: float = 1e-8,
+                   bias_lr_factor: float = 1.0, decay_biases: bool = True) -> optax.GradientTransformation:
+    """``bias_lr_factor`` and ``decay_biases`` make biases their own parameter group (the paper's Caffe recipe:
+    twice the learning rate, no weight decay)."""
+    kw = dict(momentum=momentum, nesterov=nesterov, rmsprop_alpha=rmsprop_alpha, eps=eps)
+    if bias_lr_factor == 1.0 and decay_biases:
+        return _optimizer(name, schedule, weight_decay=weight_decay, **kw)
+    biases = _optimizer(name, lambda step: bias_lr_factor * schedule(step),
+                        weight_decay=weight_decay if decay_biases else 0.0, **kw)
+    return optax.multi_transform({"weights": _optimizer(name, schedule, weight_decay=weight_decay, **kw),
+                                  "biases": biases}, _bias_labels)
+
+
+def _bias_labels(params):
+    """``"biases"`` for every parameter named ``bias``, ``"weights"`` for the rest."""
+    def label(path, _):
+        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        return "biases" if names and names[-1] == "bias" else "weights"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _optimizer(name: str, schedule, *, momentum: float, nesterov: bool, weight_decay: float, rmsprop_alpha: float,
+               eps: float) -> optax.GradientTransformation:
     if name == "sgd":
         return optax.chain(optax.add_decayed_weights(weight_decay),
                            optax.sgd(schedule, momentum=momentum or None, nesterov=nesterov))

@@ -33,7 +33,7 @@ from fcn_jax.drawing import overlay_panel, plot_learning_curve
 from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
 from fcn_jax.evaluation import confusion_over
 from fcn_jax.metrics import metrics_table, segmentation_metrics
-from fcn_jax.models import MODELS, create_model
+from fcn_jax.models import MODELS, PaperFCN, create_model
 from fcn_jax.prediction import predict
 from fcn_jax.sharding import host_array, make_mesh, replicate_state
 from fcn_jax.training.checkpoint import RunCheckpoints
@@ -45,7 +45,7 @@ from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.reporting import MetricsLog
 from fcn_jax.training.step import train_step, trainable
 from fcn_jax.training.stopping import StopRequests, TrainingStopped
-from fcn_jax.weights import load_weights, save_weights
+from fcn_jax.weights import load_matching, load_weights, read_weights_config, save_weights
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -82,11 +82,27 @@ def _load_init_weights(model, config: TrainConfig) -> None:
                                (model.backbone, config.backbone_weights, "--backbone-weights")):
         if path is None:
             continue
+        paper = isinstance(model, PaperFCN)
         if not Path(path).is_file():
+            how = (f"--torchvision {config.backbone} --arch heatmap" if paper else
+                   f"--torchvision {config.backbone}{'_bn' if config.batch_norm else ''}")
             raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
-                              f"`fcn-jax convert --torchvision {config.backbone}{'_bn' if config.batch_norm else ''} "
-                              f"--output {path}` (needs internet once), or train without it")
-        load_weights(target, path)
+                              f"`fcn-jax convert {how} --output {path}` (needs internet once), or train without it")
+        if not paper or read_weights_config(path)["model"] == "vgg":
+            load_weights(target, path)  # a paper net given a bare backbone: fc6 and fc7 keep their random start
+            continue
+        # The paper's staged training: every layer with the same name and shape (the trunk of an ImageNet
+        # heatmap file, or FCN-16s from a trained FCN-32s).
+        copied, left = load_matching(model, path)
+        if jax.process_index() == 0:
+            print(f"note: {what} {path}: copied {_layers(copied)}; left at their initial values: "
+                  f"{_layers(left) or 'nothing'}")
+
+
+def _layers(names: list[str]) -> str:
+    """``vgg.backbone.convs.0.kernel, vgg.backbone.convs.0.bias, score_fr.kernel`` -> ``vgg.backbone.convs.0,
+    score_fr``: the layers of variable names, in order."""
+    return ", ".join(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
 
 
 def _checkpoint_steps(run_dir: Path) -> list[int]:
@@ -215,7 +231,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                              warmup_steps=config.warmup_steps, step_epochs=config.step_epochs, gamma=config.gamma,
                              power=config.power)
     tx = make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
-                        weight_decay=config.weight_decay)
+                        weight_decay=config.weight_decay, bias_lr_factor=config.bias_lr_factor,
+                        decay_biases=config.decay_biases)
     optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone, config.learn_upsampling))
     mesh = make_mesh()
     replicate_state((model, optimizer), mesh)
