@@ -83,7 +83,7 @@ def test_normalisations():
     np.testing.assert_allclose(normalize(pixel, "reference")[0, 0],
                                np.array([0, 128 / 255, 1]) - np.array([103.939, 116.779, 123.68]) / 255, rtol=1e-6)
     with pytest.raises(ConfigError, match="unknown normalisation"):
-        normalize(pixel, "caffe")
+        normalize(pixel, "yuv")
 
 
 def test_label_out_of_range_is_a_clear_error():

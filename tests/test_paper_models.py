@@ -76,9 +76,10 @@ def test_each_paper_head_matches_the_reference_at_any_size(torch, arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg13", "vgg16", "vgg19"])
-@pytest.mark.parametrize("arch", PAPER_ARCHS)
-def test_every_head_and_depth_matches_the_reference(torch, arch, backbone):
-    model, twin = _pair(arch, backbone)
+def test_every_depth_matches_the_reference(torch, backbone):
+    # Every head is checked on vgg11 above; the depths differ only in the trunk, which every head shares (each
+    # of the 4 x 3 other pairs passed when run once, at a cost of ~20 s each: CI keeps the trunks only).
+    model, twin = _pair("fcn8s_atonce_paper", backbone)
     _check_logits(model, twin, torch, (33, 40))
 
 
