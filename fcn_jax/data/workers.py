@@ -1,10 +1,11 @@
 """Samples loaded in worker processes, so that reading and augmenting scale with the host's cores.
 
 The standard library's ``ProcessPoolExecutor`` with the *spawn* start method (forking a process that
-runs JAX can deadlock). Each worker receives the sample function once, at start, and then loads one
-sample per task; the caller submits tasks in the order it needs them and reads the results in that
-order, so what comes out never depends on the number of workers or on which worker was fastest.
-``count=0`` loads in the calling process, one sample at a time as it is asked for.
+runs JAX can deadlock). Each worker receives the load function once, at start, and then runs one task
+(typically a whole batch) per item; large arrays come back through shared memory. The caller submits
+items in the order it needs them and reads the results in that order, so what comes out never depends
+on the number of workers or on which worker was fastest. ``count=0`` loads in the calling process, one
+item at a time as it is asked for.
 
 Workers ignore SIGINT and SIGTERM (the main process decides when to stop, and shuts them down), and on
 Linux they are killed by the kernel when the main process dies, even by SIGKILL: no orphans. A sample
