@@ -159,7 +159,10 @@ class SampleWorkers:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 self.count, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                 initargs=(self.load, os.getpid()))
-        return _WorkerFuture(self._pool.submit(_run, item), self.count)
+        try:
+            return _WorkerFuture(self._pool.submit(_run, item), self.count)
+        except BrokenProcessPool:  # a worker died before this item could even be queued
+            raise _worker_died(self.count) from None
 
     def in_order(self, items: Iterator, ahead: int) -> Iterator:
         """``load(item)`` for every item, in order, with up to ``ahead`` items submitted before their results
@@ -193,6 +196,14 @@ class SampleWorkers:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _worker_died(count: int) -> DatasetError:
+    return DatasetError(
+        f"a data worker process died: it was killed (out of memory? use fewer than {count} workers), or it could "
+        f"not start (workers import the main script again: a script that trains must keep its work under "
+        f"`if __name__ == \"__main__\":`, and a dataset class defined in a notebook cannot be imported by them). "
+        f"--workers 0 (workers=0) loads in the main process")
+
+
 class _LocalFuture:
     def __init__(self, load, item):
         self.load, self.item = load, item
@@ -212,12 +223,7 @@ class _WorkerFuture:
         try:
             return _from_shared(self.future.result())
         except BrokenProcessPool:
-            raise DatasetError(
-                f"a data worker process died: it was killed (out of memory? use "
-                f"fewer than {self.count} workers), or it could not start (workers import the main script again: "
-                f"a script that trains must keep its work under `if __name__ == \"__main__\":`, and a dataset class "
-                f"defined in a notebook cannot be imported by them). --workers 0 (workers=0) loads in the main "
-                f"process") from None
+            raise _worker_died(self.count) from None
 
     def cancel(self) -> bool:
         if self.future.cancel():
