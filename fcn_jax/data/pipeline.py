@@ -84,6 +84,22 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
                          f"{ignore_index}; check the mask files or the dataset's num_classes")
 
 
+class _ReadByWorkers:
+    """What Loader and EvalBatches share: their ``workers`` (:class:`~fcn_jax.data.workers.SampleWorkers`),
+    stopped by :meth:`close` or by leaving a ``with`` block."""
+
+    workers: SampleWorkers
+
+    def close(self) -> None:
+        self.workers.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class _TrainBatch:
     """The worker task of :class:`Loader`: a list of ``(index, epoch)`` -> one batch of augmented, checked
     samples (``index`` None: a padding copy of sample 0 whose label is all ignored); labels keep the
@@ -126,7 +142,7 @@ def _named_failures(load, index, *args):
         raise
 
 
-class Loader:
+class Loader(_ReadByWorkers):
     """Batches ``{"image": (b, H, W, 3), "label": int32 (b, H, W)}`` of this process's share: ``image`` float32
     normalised as ``normalization`` says, or the uint8 RGB pixels with ``normalization=None`` (4x less to move;
     the training step normalises on the devices, to the same bits).
@@ -189,22 +205,13 @@ class Loader:
                 yield batch
         self.epoch, self.batch = self.epoch + 1, 0
 
-    def close(self) -> None:
-        self.workers.close()
-
-    def __enter__(self) -> Loader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def _local_indices(self, order: np.ndarray, batch: int) -> list[int | None]:
         start = batch * self.global_batch_size + self.process_index * self.local_batch_size
         idx = order[start:start + self.local_batch_size].tolist()
         return idx + [None] * (self.local_batch_size - len(idx))  # None: padding of a final batch
 
 
-class EvalBatches:
+class EvalBatches(_ReadByWorkers):
     """Whole images for evaluation, batched by size bucket: each image is padded at the bottom/right
     to the next multiple of ``multiple`` (zeros; the ignore label in the mask), which is exactly the
     padding the FCN applies itself, so the logits of the real pixels are those of the whole image
@@ -245,14 +252,6 @@ class EvalBatches:
         mine = indices[self.process_index * self.local:(self.process_index + 1) * self.local]
         return mine + [-1] * (self.local - len(mine))
 
-    def close(self) -> None:
-        self.workers.close()
-
-    def __enter__(self) -> EvalBatches:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _EvalBatch:
