@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    use_fast_cpu_convolutions()  # before anything starts JAX's backend; see fcn_jax/xla_flags.py
+    if not getattr(args, "float64", False):  # the flag slows float64 convolutions down: see fcn_jax/xla_flags.py
+        use_fast_cpu_convolutions()  # before anything starts JAX's backend
     try:
         return args.func(args)
     except FcnJaxError as e:

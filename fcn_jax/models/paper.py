@@ -55,18 +55,19 @@ def _crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
 
 
 class ConvolutionalizedVGG(nnx.Module):
-    """VGG's features, then fc6 (7x7 valid conv, 4096) and fc7 (1x1, 4096), each with ReLU and channel dropout
+    """VGG's features, then fc6 (7x7 valid conv) and fc7 (1x1), ``fc_width`` channels each (4096 as published),
+    each with ReLU and channel dropout
     (``Dropout2d``: whole channels of a sample zeroed, the rest scaled by 2; off in eval mode). The model holds
     no random state: in train mode the caller passes ``rngs`` with a ``dropout`` stream (training derives its
     key from the run's seed and the step, so a resumed run draws the same masks)."""
 
-    def __init__(self, backbone: str, *, first_padding: int, ceil_mode: bool, dropout: float, dtype,
-                 param_dtype, precision, rngs: nnx.Rngs):
+    def __init__(self, backbone: str, *, first_padding: int, ceil_mode: bool, dropout: float, fc_width: int,
+                 dtype, param_dtype, precision, rngs: nnx.Rngs):
         self.backbone = VGGBackbone(backbone, first_padding=first_padding, ceil_mode=ceil_mode, dtype=dtype,
                                     param_dtype=param_dtype, precision=precision, rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
-        self.fc6 = Conv2d(512, 4096, 7, **kw)
-        self.fc7 = Conv2d(4096, 4096, 1, **kw)
+        self.fc6 = Conv2d(512, fc_width, 7, **kw)
+        self.fc7 = Conv2d(fc_width, fc_width, 1, **kw)
         self.drop6 = nnx.Dropout(dropout, broadcast_dims=(1, 2))
         self.drop7 = nnx.Dropout(dropout, broadcast_dims=(1, 2))
 
@@ -95,8 +96,8 @@ class Heatmap(nnx.Module):
                  rngs: nnx.Rngs):
         _check(num_classes, batch_norm, "heatmap")
         self.num_classes = num_classes
-        self.vgg = ConvolutionalizedVGG(backbone, first_padding=1, ceil_mode=False, dropout=dropout, dtype=dtype,
-                                        param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.vgg = ConvolutionalizedVGG(backbone, first_padding=1, ceil_mode=False, dropout=dropout, fc_width=4096,
+                                        dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.fc8 = Conv2d(4096, num_classes, 1, dtype=dtype, param_dtype=param_dtype, precision=precision,
                           rngs=rngs)
 
@@ -118,15 +119,17 @@ class PaperFCN(nnx.Module):
     upsample: tuple[str, int, int] = ("", 0, 0)  # the last upsampling: (name, stride, crop offset)
 
     def __init__(self, num_classes: int = 21, *, backbone: str = "vgg16", batch_norm: bool = False,
-                 dropout: float = 0.5, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
-                 rngs: nnx.Rngs):
+                 dropout: float = 0.5, fc_width: int = 4096, dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision=None, rngs: nnx.Rngs):
+        """``fc_width``: fc6's and fc7's channels, 4096 as published (narrower nets: tests, small experiments)."""
         _check(num_classes, batch_norm, self.arch)
         self.num_classes = num_classes
-        self.vgg = ConvolutionalizedVGG(backbone, first_padding=100, ceil_mode=True, dropout=dropout, dtype=dtype,
-                                        param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.vgg = ConvolutionalizedVGG(backbone, first_padding=100, ceil_mode=True, dropout=dropout,
+                                        fc_width=fc_width, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                                        rngs=rngs)
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         zeros = nnx.initializers.zeros
-        self.score_fr = Conv2d(4096, num_classes, 1, kernel_init=zeros, **kw)
+        self.score_fr = Conv2d(fc_width, num_classes, 1, kernel_init=zeros, **kw)
         widths = {"x4": 512, "x3": 256}
         for feature, score, upsampling, _, _ in self.skips:
             setattr(self, score, Conv2d(widths[feature], num_classes, 1, kernel_init=zeros, **kw))

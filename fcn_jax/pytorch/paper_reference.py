@@ -27,13 +27,13 @@ class _Trunk(nn.Module):
     convolutions, with ReLU and Dropout2d; the layers are attributes of the model itself, so that its state_dict
     has the published names."""
 
-    def _build_trunk(self, backbone: str, first_padding: int, ceil_mode: bool) -> None:
+    def _build_trunk(self, backbone: str, first_padding: int, ceil_mode: bool, fc_width: int) -> None:
         self.cfg, self.ceil_mode, self.names = check_backbone_name(backbone), ceil_mode, conv_names(backbone)
         cin = 3
         for j, (name, v) in enumerate(zip(self.names, (w for w in self.cfg if w != "M"), strict=True)):
             self.add_module(name, nn.Conv2d(cin, v, 3, padding=first_padding if j == 0 else 1))
             cin = v
-        self.fc6, self.fc7 = nn.Conv2d(512, 4096, 7), nn.Conv2d(4096, 4096, 1)
+        self.fc6, self.fc7 = nn.Conv2d(512, fc_width, 7), nn.Conv2d(fc_width, fc_width, 1)
         self.drop6, self.drop7 = nn.Dropout2d(), nn.Dropout2d()
 
     def _trunk(self, x):
@@ -50,11 +50,11 @@ class _Trunk(nn.Module):
 
 
 class PaperFCN(_Trunk):
-    def __init__(self, arch: str, n_class: int = 21, backbone: str = "vgg16"):
+    def __init__(self, arch: str, n_class: int = 21, backbone: str = "vgg16", fc_width: int = 4096):
         super().__init__()
-        self._build_trunk(backbone, 100, ceil_mode=True)
+        self._build_trunk(backbone, 100, ceil_mode=True, fc_width=fc_width)
         self.skips, self.last = SKIPS[arch]
-        self.score_fr = nn.Conv2d(4096, n_class, 1)
+        self.score_fr = nn.Conv2d(fc_width, n_class, 1)
         widths = {"pool4": 512, "pool3": 256}
         for pool, score, upsampling, _, _ in self.skips:
             self.add_module(score, nn.Conv2d(widths[pool], n_class, 1))
@@ -101,11 +101,17 @@ def _upsampling(channels: int, size: int, stride: int) -> nn.ConvTranspose2d:
     return layer
 
 
-def build_paper_model(arch: str, num_classes: int, backbone: str = "vgg16", seed: int = 0) -> nn.Module:
-    """A paper model (or ``heatmap``) with random weights everywhere (the score layers too, so that tests see
-    every layer; the upsampling stays bilinear, as in training)."""
+def build_paper_model(arch: str, num_classes: int, backbone: str = "vgg16", seed: int = 0,
+                      fc_width: int = 4096) -> nn.Module:
+    """A paper model (or ``heatmap``, torchvision's VGG: ``fc_width`` 4096 only) with random weights everywhere
+    (the score layers too, so that tests see every layer; the upsampling stays bilinear, as in training)."""
     torch.manual_seed(seed)
-    model = Heatmap(num_classes, backbone) if arch == "heatmap" else PaperFCN(arch, num_classes, backbone)
+    if arch == "heatmap":
+        if fc_width != 4096:
+            raise ValueError("the heatmap reference is torchvision's VGG: its classifier is 4096 wide")
+        model = Heatmap(num_classes, backbone)
+    else:
+        model = PaperFCN(arch, num_classes, backbone, fc_width)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if not name.startswith("upscore"):
