@@ -8,6 +8,7 @@ ARCHS = ("fcn32s", "fcn16s", "fcn8s", "fcns",  # the tutorial's
          "heatmap")  # the convolutionalized ImageNet classifier (not a segmenter)
 SEGMENTERS = ARCHS[:-1]
 TUTORIAL_ARCHS = ARCHS[:4]
+PAPER_ARCHS = ARCHS[4:8]
 BACKBONES = ("vgg11", "vgg13", "vgg16", "vgg19")
 LOSSES = ("cross_entropy", "cross_entropy_sum", "bce")
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from fcn_jax import extras
-from fcn_jax.choices import ARCHS, BACKBONES, NORMALIZATIONS, TUTORIAL_ARCHS
+from fcn_jax.choices import ARCHS, BACKBONES, NORMALIZATIONS, SEGMENTERS
 from fcn_jax.data import DATASETS
 from fcn_jax.errors import ConfigError, FcnJaxError
 from fcn_jax.training.config import add_config_arguments, parse_size
@@ -203,14 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "logits (eval and train mode), the loss, gradients, BatchNorm statistics and "
                                    "parameters after one SGD step, then forward and training-step speed. Exits 1 "
                                    "when a difference is over its tolerance.")
-    p.add_argument("--arch", choices=TUTORIAL_ARCHS, default="fcn8s",
-                   help="the tutorial's FCNs (the paper's are not covered by compare yet)")
+    p.add_argument("--arch", choices=SEGMENTERS, default="fcn8s",
+                   help="any segmentation net; the paper's are compared with dropout off in train mode (the "
+                        "frameworks' random masks cannot agree)")
     p.add_argument("--backbone", choices=BACKBONES, default="vgg16")
     p.add_argument("--batch-norm", action="store_true", help="the _bn backbone")
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=parse_size, default=(224, 224), metavar="HxW",
-                   help="input size, multiples of 32 (default 224x224)")
+                   help="input size (default 224x224): multiples of 32 for the tutorial's FCNs, any for the paper's")
     p.add_argument("--weights", help="an fcn-jax .safetensors (its architecture wins) or a PyTorch reference FCN "
                                      ".pth; default: random weights with randomised BatchNorm statistics")
     p.add_argument("--float64", action="store_true", help="compare in float64 (tolerances 1e-8..1e-12)")

@@ -22,6 +22,7 @@ from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.drawing import plot_confusion
 from fcn_jax.errors import ConfigError
 from fcn_jax.metrics import confusion_matrix, metrics_table, segmentation_metrics
+from fcn_jax.models import forward
 from fcn_jax.modes import in_mode
 from fcn_jax.runs import resolve_weights
 from fcn_jax.sharding import device_batch_size, make_mesh, replicate_state, shard_batch
@@ -29,9 +30,12 @@ from fcn_jax.weights import load_model
 
 
 @nnx.jit(static_argnames=("num_classes", "ignore_index"))
-def eval_step(model, images: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int) -> jax.Array:
-    """The confusion matrix of one batch, in the model's current mode."""
-    return confusion_matrix(model(images), labels, num_classes, ignore_index)
+def eval_step(model, images: jax.Array, labels: jax.Array, num_classes: int, ignore_index: int,
+              sizes: jax.Array | None = None) -> jax.Array:
+    """The confusion matrix of one batch, in the model's current mode (``sizes``: see
+    :func:`fcn_jax.models.forward`)."""
+    return confusion_matrix(forward(model, images, sizes), labels, num_classes, ignore_index)
+
 
 
 def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, progress=None) -> np.ndarray:
@@ -40,8 +44,8 @@ def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, pr
     conf = jnp.zeros((num_classes, num_classes), jnp.int32)
     with in_mode(model, train=False):
         for batch in batches:
-            batch = shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
-            conf = conf + eval_step(model, batch["image"], batch["label"], num_classes, ignore_index)
+            batch = shard_batch({k: batch[k] for k in ("image", "label", "size")}, mesh)
+            conf = conf + eval_step(model, batch["image"], batch["label"], num_classes, ignore_index, batch["size"])
             if progress is not None:
                 progress.update(1)
     return np.asarray(conf.addressable_data(0))  # replicated: every process holds the whole matrix

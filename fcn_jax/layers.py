@@ -56,7 +56,7 @@ class Conv2d(nnx.Module):
 
         x = x.astype(self.dtype)
         (h, w), (kh, kw) = x.shape[1:3], kernel.shape[:2]
-        if h * w >= kh * kw:
+        if not known_sizes(h, w) or h * w >= kh * kw:
             y = conv(x)
         else:
             # XLA swaps the operands of a convolution whose input has fewer pixels than its kernel (VGG's
@@ -67,6 +67,12 @@ class Conv2d(nnx.Module):
             y = conv(jax.lax.optimization_barrier(_zero_extend(x, (max(kh - h, 0), max(kw - w, 0)))))
             y = jax.lax.optimization_barrier(y)[:, :out_h, :out_w]
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+def known_sizes(*sizes) -> bool:
+    """True when every size is a number, False when one is symbolic (a program exported for any size, see
+    :mod:`fcn_jax.export`): the CPU workarounds that depend on a size are then left out."""
+    return all(isinstance(s, int) for s in sizes)
 
 
 def _zero_extend(x: jax.Array, extra: tuple[int, int]) -> jax.Array:
@@ -131,7 +137,7 @@ def conv_transpose(x, kernel, stride, padding, dilation, precision):
     # XLA's CPU backend falls back to a ~50x slower convolution for inputs under 3x3 (x5 of a 64x64 image
     # is 2x2). Zero rows/columns appended to the input add nothing to the output, which is cropped back.
     h, w = x.shape[1:3]
-    small = (max(MIN_DECONV_INPUT - h, 0), max(MIN_DECONV_INPUT - w, 0))
+    small = (max(MIN_DECONV_INPUT - h, 0), max(MIN_DECONV_INPUT - w, 0)) if known_sizes(h, w) else (0, 0)
     if any(small):
         x = _zero_extend(x, small)
     y = jax.lax.conv_general_dilated(x, flipped, window_strides=(1, 1), padding=padding, lhs_dilation=stride,

@@ -23,6 +23,7 @@ from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.data.workers import SampleWorkers, default_workers
 from fcn_jax.drawing import blend, colorize, picture, voc_palette
 from fcn_jax.errors import ConfigError, DatasetError, InputError
+from fcn_jax.models import forward
 from fcn_jax.modes import in_mode
 from fcn_jax.runs import resolve_weights
 from fcn_jax.sharding import DATA_AXIS, device_batch_size, make_mesh, replicate_state, shard_batch
@@ -55,7 +56,7 @@ class _Images:
         return [im.shape[:2] for im in self.images]
 
 
-_forward = nnx.jit(lambda model, images: model(images))
+_forward = nnx.jit(forward)
 
 
 def available_memory() -> int | None:
@@ -89,7 +90,8 @@ def _compile_buckets(model, batches: EvalBatches, mesh) -> dict:
     """One compiled forward pass per size bucket (what jit would compile on the way), keyed by batch shape."""
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     shapes = {(batches.global_batch_size, bh, bw, 3) for (bh, bw), _ in batches.batches}
-    return {shape: _forward.lower(model, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)).compile()
+    return {shape: _forward.lower(model, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+                                  jax.ShapeDtypeStruct((shape[0], 2), jnp.int32, sharding=sharding)).compile()
             for shape in sorted(shapes)}
 
 
@@ -147,7 +149,8 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
         programs = _compile_buckets(model, batches, mesh)
         _check_memory(programs, batches, inputs, names)
         for batch in tqdm(batches, unit="batch", desc="predict", disable=not progress):
-            result = programs[batch["image"].shape](model, shard_batch({"image": batch["image"]}, mesh)["image"])
+            placed = shard_batch({"image": batch["image"], "size": batch["size"]}, mesh)
+            result = programs[batch["image"].shape](model, placed["image"], placed["size"])
             result = np.asarray(result if logits else jnp.argmax(result, -1).astype(jnp.uint8))
             for row, i in enumerate(batch["index"]):
                 if i >= 0:

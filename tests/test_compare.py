@@ -65,6 +65,17 @@ def test_compare_float64_is_exact_to_1e8(torch):
     assert all(c.jax_vs_float64 is None for c in result.checks)
 
 
+@pytest.mark.slow
+def test_compare_covers_the_paper_nets_at_any_size(torch):
+    # Full width (fc6 alone holds 103M weights at 4096 channels): compare builds what users load.
+    result = compare_module.compare(arch="fcn8s_atonce_paper", backbone="vgg11", num_classes=3, batch_size=1,
+                                    size=(5, 7), speed=False, progress=False)
+    assert result.ok and "dropout off" in result.config["model"]
+    rows = [f"{c.section} {c.name}" for c in result.checks]
+    assert rows == [row for row in ROWS if row != "step bn stats"]  # no BatchNorm in the paper's nets
+    assert max(c.relative for c in result.checks) <= 1e-4
+
+
 def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
     """An error of 5% of the largest gradient in one tensor (a wrong layout or BN formula gives
     far more; the max-pool bug found by this tool gave 60%) exits 1."""
@@ -103,6 +114,7 @@ def test_compare_loads_weights_files(torch, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--size", "40x64"], "multiple of 32"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--arch", "fcn8s_paper", "--batch-norm"], "fcn8s_paper has no BatchNorm"),
 ])
 def test_compare_bad_arguments(torch, capsys, args, message):
     assert main(["compare", "--backbone", "vgg11", "--no-progress", *args]) == 2

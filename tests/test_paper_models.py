@@ -3,11 +3,6 @@ description) and torchvision, the published weight layout both ways, and what tr
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +17,7 @@ from fcn_jax.models import MODELS
 from fcn_jax.models.paper import Upsampling, bilinear_kernel
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import train_step, trainable
-from tests.helpers import assert_close, nchw, nhwc
+from tests.helpers import TinyDataset, assert_close, nchw, nhwc
 
 PAPER_ARCHS = ("fcn32s_paper", "fcn16s_paper", "fcn8s_paper", "fcn8s_atonce_paper")
 # fc6/fc7 are 4096 wide as published (fc6 alone: 103M weights); the head logic does not depend on the width, so
@@ -98,47 +93,33 @@ def test_train_mode_with_dropout_off_and_odd_sizes_match(torch):
         _check_logits(model, twin, torch, size, train=True)
 
 
-def check_float64_gradients():
-    """Gradients of a paper head and of conv1_1 against the reference, in float64, to 1e-10."""
-    import torch
-
+@pytest.mark.slow
+def test_float64_gradients_match(torch):
     from fcn_jax.pytorch.paper_reference import build_paper_model
 
-    jax.config.update("jax_enable_x64", True)
     twin = build_paper_model("fcn16s_paper", 4, "vgg11", seed=2, fc_width=NARROW).double().eval()
     x = np.random.default_rng(3).standard_normal((1, 3, 21, 26))
     weights = np.random.default_rng(4).standard_normal((1, 4, 21, 26))
     (twin(torch.from_numpy(x)) * torch.from_numpy(weights)).sum().backward()
-    model = MODELS["fcn16s_paper"](4, backbone="vgg11", fc_width=NARROW, dtype=jnp.float64, param_dtype=jnp.float64,
-                                   rngs=nnx.Rngs(0))
-    fcn_jax.load_torch_state_dict(model, {k: v.detach().numpy() for k, v in twin.state_dict().items()})
-    model.eval()
+    with jax.enable_x64(True):
+        model = MODELS["fcn16s_paper"](4, backbone="vgg11", fc_width=NARROW, dtype=jnp.float64,
+                                       param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        fcn_jax.load_torch_state_dict(model, {k: v.detach().numpy() for k, v in twin.state_dict().items()})
+        model.eval()
 
-    def objective(model):
-        return (model(jnp.asarray(nhwc(x))) * jnp.asarray(nhwc(weights))).sum()
+        def objective(model):
+            return (model(jnp.asarray(nhwc(x))) * jnp.asarray(nhwc(weights))).sum()
 
-    grads = nnx.jit(nnx.grad(objective))(model)
-    for name, param in twin.named_parameters():
-        ours = {"score_fr": grads.score_fr, "score_pool4": grads.score_pool4}.get(name.split(".")[0])
-        if ours is not None:
-            field = "kernel" if name.endswith("weight") else "bias"
-            g = np.asarray(getattr(ours, field)[...])
-            g = g.transpose(3, 2, 0, 1) if g.ndim == 4 else g
-            assert_close(g, param.grad.numpy(), 1e-10, name)
-    conv = np.asarray(grads.vgg.backbone.convs[0].kernel[...]).transpose(3, 2, 0, 1)
-    assert_close(conv, twin.conv1_1.weight.grad.numpy(), 1e-10, "conv1_1")
-    print("float64 gradients match")
-
-
-@pytest.mark.slow
-def test_float64_gradients_match(torch):
-    # In a process of its own, without the CPU convolution flag the suite runs with: with it, float64
-    # convolutions are ~80x slower here (fcn_jax/xla_flags.py), and the padded 221x226 input makes that a minute.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"FCN_JAX_XLA_DEFAULTS": "0"}
-    code = "from tests.test_paper_models import check_float64_gradients; check_float64_gradients()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent)
-    assert done.returncode == 0 and "float64 gradients match" in done.stdout, done.stderr[-3000:]
+        grads = nnx.jit(nnx.grad(objective))(model)
+        for name, param in twin.named_parameters():
+            ours = {"score_fr": grads.score_fr, "score_pool4": grads.score_pool4}.get(name.split(".")[0])
+            if ours is not None:
+                field = "kernel" if name.endswith("weight") else "bias"
+                g = np.asarray(getattr(ours, field)[...])
+                g = g.transpose(3, 2, 0, 1) if g.ndim == 4 else g
+                assert_close(g, param.grad.numpy(), 1e-10, name)
+        conv = np.asarray(grads.vgg.backbone.convs[0].kernel[...]).transpose(3, 2, 0, 1)
+        assert_close(conv, twin.conv1_1.weight.grad.numpy(), 1e-10, "conv1_1")
 
 
 @pytest.mark.slow
@@ -302,3 +283,69 @@ def test_the_heatmap_command_draws_the_top_classes_with_their_names(tmp_path, ca
     assert main(["heatmap", str(tmp_path / "heat.safetensors"), str(tmp_path / "small.png"), "--output",
                  str(out)]) == 2
     assert "at least 224x224" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_padded_batches_give_each_paper_image_its_own_logits():
+    # The paper's nets do not pad themselves: EvalBatches pads images of different sizes into one batch, and the
+    # sizes mask the padding back out, so that one program serves many sizes with per-image results.
+    from fcn_jax.data.pipeline import EvalBatches
+
+    model = MODELS["fcn8s_paper"](3, backbone="vgg11", fc_width=NARROW, rngs=nnx.Rngs(0))
+    model.eval()
+    for layer in (model.score_fr, model.score_pool4, model.score_pool3):
+        layer.kernel.set_value(0.05 * jax.random.normal(jax.random.key(1), layer.kernel.shape))
+    rng = np.random.default_rng(0)
+    images = [rng.standard_normal((h, w, 3)).astype(np.float32) for h, w in ((37, 50), (64, 41), (9, 64))]
+    canvas = np.zeros((3, 64, 64, 3), np.float32)
+    for i, image in enumerate(images):
+        canvas[i, :image.shape[0], :image.shape[1]] = image
+    sizes = np.array([image.shape[:2] for image in images], np.int32)
+    with jax.default_matmul_precision("highest"):
+        batched = np.asarray(model(jnp.asarray(canvas), sizes=jnp.asarray(sizes)))
+        unmasked = np.asarray(model(jnp.asarray(canvas)))
+        for i, image in enumerate(images):
+            alone = np.asarray(model(jnp.asarray(image[None])))[0]
+            h, w = image.shape[:2]
+            assert_close(batched[i, :h, :w], alone, 1e-5, f"image {i} ({h}x{w})")
+            assert not np.allclose(unmasked[i, :h, :w], alone, rtol=1e-3)  # without the sizes it would differ
+    voc_like = [(375, 500), (500, 375), (333, 500), (500, 333), (375, 499), (366, 500), (281, 500), (500, 400)]
+    exact = EvalBatches(TinyDataset(n=len(voc_like)), 1, multiple=1, sizes=voc_like)
+    bucketed = EvalBatches(TinyDataset(n=len(voc_like)), 1, multiple=model.size_multiple, sizes=voc_like)
+    assert len({s for s, _ in bucketed.batches}) == 6 < len({s for s, _ in exact.batches}) == 8
+
+
+class _ImagesOfManySizes:
+    num_classes, class_names, ignore_index = 3, ("a", "b", "c"), 255
+    palette = np.zeros((3, 3), np.uint8)
+    SIZES = ((37, 50), (64, 41), (9, 64), (33, 33), (40, 70))
+
+    def __len__(self):
+        return len(self.SIZES)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng(i)
+        h, w = self.SIZES[i]
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8), rng.integers(0, 3, (h, w)).astype(np.uint8)
+
+    def image_sizes(self):
+        return list(self.SIZES)
+
+
+@pytest.mark.slow
+def test_evaluating_in_padded_batches_equals_evaluating_each_image_alone():
+    from fcn_jax.data.pipeline import EvalBatches
+    from fcn_jax.evaluation import confusion_over
+    from fcn_jax.sharding import make_mesh
+
+    model = MODELS["fcn16s_paper"](3, backbone="vgg11", fc_width=NARROW, rngs=nnx.Rngs(0))
+    for layer in (model.score_fr, model.score_pool4):
+        layer.kernel.set_value(0.05 * jax.random.normal(jax.random.key(1), layer.kernel.shape))
+    data, mesh = _ImagesOfManySizes(), make_mesh()
+    with jax.default_matmul_precision("highest"):
+        alone = confusion_over(model, EvalBatches(data, 1, multiple=1), mesh, 3, 255)
+        padded = EvalBatches(data, 2, multiple=model.size_multiple)
+        assert len(padded.batches) < len(data)  # images of different sizes share batches
+        together = confusion_over(model, padded, mesh, 3, 255)
+    np.testing.assert_array_equal(together, alone)
+    assert alone.sum() == sum(h * w for h, w in data.SIZES) and (alone.sum(0) > 0).sum() > 1  # varied predictions

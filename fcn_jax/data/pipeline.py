@@ -217,7 +217,8 @@ class EvalBatches(_ReadByWorkers):
     padding the FCN applies itself, so the logits of the real pixels are those of the whole image
     while XLA compiles one program per bucket. Batches hold ``global_batch_size`` images of one
     bucket (the last of a bucket padded with fully ignored copies); this process gets its share.
-    Iterating yields ``{"image", "label", "index"}`` (``index`` -1 for padding) in a fixed order."""
+    Iterating yields ``{"image", "label", "index", "size"}`` (``index`` -1 for padding; ``size`` each image's own
+    height and width, for networks that mask the padding out themselves) in a fixed order."""
 
     def __init__(self, dataset, global_batch_size: int, *, normalization: str = "imagenet", multiple: int = 32,
                  process_index: int = 0, process_count: int = 1, sizes: list[tuple[int, int]] | None = None,
@@ -264,9 +265,11 @@ class _EvalBatch:
         (height, width), indices = task
         images = np.zeros((self.rows, height, width, 3), np.float32)  # zeros *after* normalising, as the FCN pads
         labels = np.full((self.rows, height, width), self.dataset.ignore_index, np.int32)
+        sizes = np.zeros((self.rows, 2), np.int32)  # each image's own size (0 for padding rows)
         for row, i in enumerate(indices):
             if i >= 0:
                 image, label = _named_failures(self.dataset.__getitem__, i)
                 images[row, :image.shape[0], :image.shape[1]] = normalize(image, self.normalization)
                 labels[row, :label.shape[0], :label.shape[1]] = label
-        return {"image": images, "label": labels, "index": np.array(indices, np.int32)}
+                sizes[row] = image.shape[:2]
+        return {"image": images, "label": labels, "index": np.array(indices, np.int32), "size": sizes}

@@ -48,6 +48,13 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = 
                         param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(seed))
 
 
+def forward(model, images: jax.Array, sizes: jax.Array | None = None) -> jax.Array:
+    """``model(images)``; for the paper's networks, which do not pad themselves, with each image's own size
+    (``sizes``, ``(N, 2)``, from :class:`~fcn_jax.data.pipeline.EvalBatches`) so that images padded into one
+    batch get the logits they would get alone."""
+    return model(images, sizes=sizes) if getattr(model, "takes_sizes", False) else model(images)
+
+
 __all__ = [
     "ARCHS",
     "BACKBONES",
@@ -63,5 +70,6 @@ __all__ = [
     "VGGBackbone",
     "create_model",
     "feature_ranges",
+    "forward",
     "torch_feature_indices",
 ]

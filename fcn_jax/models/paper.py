@@ -30,9 +30,9 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax.errors import ConfigError, InputError
-from fcn_jax.layers import Conv2d, ConvTranspose2d
+from fcn_jax.layers import Conv2d, ConvTranspose2d, known_sizes
 from fcn_jax.models.fcn import check_images
-from fcn_jax.models.vgg import VGGBackbone
+from fcn_jax.models.vgg import VGGBackbone, mask_beyond
 
 
 class Upsampling(nnx.Param):
@@ -48,6 +48,10 @@ def bilinear_kernel(size: int, channels: int) -> np.ndarray:
     kernel = np.zeros((size, size, channels, channels), np.float64)
     kernel[:, :, np.arange(channels), np.arange(channels)] = np.outer(ramp, ramp)[:, :, None]
     return kernel
+
+
+def _masked(x: jax.Array, extents: jax.Array | None, change: int = 0) -> jax.Array:
+    return x if extents is None else mask_beyond(x, extents + change)
 
 
 def _crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
@@ -71,16 +75,17 @@ class ConvolutionalizedVGG(nnx.Module):
         self.drop6 = nnx.Dropout(dropout, broadcast_dims=(1, 2))
         self.drop7 = nnx.Dropout(dropout, broadcast_dims=(1, 2))
 
-    def fully_convolutional(self, x5: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
-        """fc6 and fc7 on the backbone's last map."""
-        if min(x5.shape[1:3]) < 7:
+    def fully_convolutional(self, x5: jax.Array, rngs: nnx.Rngs | None, extents: jax.Array | None = None
+                            ) -> jax.Array:
+        """fc6 and fc7 on the backbone's last map (masked beyond ``extents - 6``, fc6 being a valid 7x7 conv)."""
+        if known_sizes(*x5.shape[1:3]) and min(x5.shape[1:3]) < 7:
             raise InputError(f"fc6 is a 7x7 convolution but pool5 is {x5.shape[1]}x{x5.shape[2]}: images must be at "
                              f"least 224x224 for the heatmap (the segmentation nets pad and take any size)")
         if rngs is None and not self.drop6.deterministic and self.drop6.rate > 0:
             raise ConfigError("in train mode the paper's networks need rngs=nnx.Rngs(dropout=key) for their dropout "
                               "(or call model.eval() first)")
-        x = self.drop6(jax.nn.relu(self.fc6(x5)), rngs=rngs)
-        return self.drop7(jax.nn.relu(self.fc7(x)), rngs=rngs)
+        x = self.drop6(_masked(jax.nn.relu(self.fc6(x5)), extents, -6), rngs=rngs)
+        return self.drop7(_masked(jax.nn.relu(self.fc7(x)), extents, -6), rngs=rngs)
 
 
 class Heatmap(nnx.Module):
@@ -114,7 +119,8 @@ class PaperFCN(nnx.Module):
 
     arch = ""
     takes_dropout_rngs = True
-    size_multiple = 1  # evaluated at each image's own size: padding would change the logits
+    size_multiple = 32  # batches pad images to it; `sizes` masks the padding back out (exact per image)
+    takes_sizes = True
     skips: tuple[tuple[str, str, str, int, float], ...] = ()  # (feature, score layer, upsampling, crop, scale)
     upsample: tuple[str, int, int] = ("", 0, 0)  # the last upsampling: (name, stride, crop offset)
 
@@ -147,18 +153,34 @@ class PaperFCN(nnx.Module):
     def backbone(self) -> VGGBackbone:
         return self.vgg.backbone
 
-    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """``rngs``: a ``dropout`` stream, needed in train mode."""
+    def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None, sizes: jax.Array | None = None
+                 ) -> jax.Array:
+        """``rngs``: a ``dropout`` stream, needed in train mode. ``sizes``: ``(N, 2)`` heights and widths of images
+        placed at the top left of a zero-padded batch; the logits of each image's own pixels are then those of
+        the image alone (activations beyond each image's extent are masked after every layer), so images of
+        different sizes share one compiled program."""
+        return self.features_and_logits(images, rngs=rngs, sizes=sizes)[1]
+
+    def features_and_logits(self, images: jax.Array, *, rngs: nnx.Rngs | None = None,
+                            sizes: jax.Array | None = None) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The backbone's pools ``{"x1": .., "x5": ..}`` (of the input padded by conv1_1's 100) and the logits."""
         images = check_images(images)
         size = images.shape[1:3]
-        feats = self.backbone(images)
-        score = self.score_fr(self.vgg.fully_convolutional(feats["x5"], rngs))
+        feats, extents = self.backbone.features_and_extents(images, None if sizes is None else jnp.asarray(sizes))
+        x5 = extents.get("x5")
+        score = _masked(self.score_fr(self.vgg.fully_convolutional(feats["x5"], rngs, x5)), x5, -6)
+        score_extent = None if x5 is None else x5 - 6
         for feature, score_layer, upsampling, offset, scale in self.skips:
-            score = getattr(self, upsampling)(score)
-            skip = getattr(self, score_layer)(feats[feature] * scale if scale != 1 else feats[feature])
+            layer = getattr(self, upsampling)
+            score = layer(score)  # no bias: nothing beyond the upsampled extent
+            skip = _masked(getattr(self, score_layer)(feats[feature] * scale if scale != 1 else feats[feature]),
+                           extents.get(feature))
             score = score + _crop(skip, offset, score.shape[1:3])
+            if score_extent is not None:
+                score_extent = (score_extent - 1) * layer.stride[0] + layer.kernel.shape[0]
+                score = _masked(score, score_extent)
         name, _, offset = self.upsample
-        return _crop(getattr(self, name)(score), offset, size)
+        return feats, _crop(getattr(self, name)(score), offset, size)
 
 
 class FCN32sPaper(PaperFCN):

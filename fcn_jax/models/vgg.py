@@ -34,6 +34,14 @@ def check_backbone_name(name: str) -> tuple:
     return CFGS[name]
 
 
+def mask_beyond(x: jax.Array, extents: jax.Array) -> jax.Array:
+    """``x`` (NHWC) with every position at or beyond row ``extents[n, 0]`` / column ``extents[n, 1]`` of image
+    ``n`` set to zero."""
+    rows = jnp.arange(x.shape[1])[None, :, None] < extents[:, None, None, 0]
+    cols = jnp.arange(x.shape[2])[None, None, :] < extents[:, None, None, 1]
+    return jnp.where((rows & cols)[..., None], x, jnp.zeros((), x.dtype))
+
+
 def conv_names(name: str) -> list[str]:
     """The paper's names of the cfg's convolutions: ``conv1_1``, ``conv1_2``, ``conv2_1`` ... (``convB_L``: block
     B, layer L), as in the PyTorch port of the Caffe FCN weights."""
@@ -100,15 +108,27 @@ class VGGBackbone(nnx.Module):
                             if batch_norm else [])
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
-        feats, j = {}, 0
+        return self.features_and_extents(x)[0]
+
+    def features_and_extents(self, x: jax.Array, extents: jax.Array | None = None) -> tuple[dict, dict]:
+        """The features, and with ``extents`` (``(N, 2)`` int: each image's height and width at the top left of a
+        zero-padded batch) each feature map's valid extent, everything beyond it set to zero after every layer:
+        exactly what the network computes on each image alone, whose borders it pads with zeros."""
+        feats, sizes, j = {}, {}, 0
         for v in self.cfg:
             if v == "M":
-                x = max_pool_2x2(pad_to_even(x) if self.ceil_mode else x)
-                feats[f"x{len(feats) + 1}"] = x
+                x = max_pool_2x2(pad_to_even(x) if self.ceil_mode else x)  # post-ReLU: masked zeros never win
+                if extents is not None:
+                    extents = (extents + 1) // 2 if self.ceil_mode else extents // 2
+                    x = mask_beyond(x, extents)
+                feats[f"x{len(feats) + 1}"], sizes[f"x{len(sizes) + 1}"] = x, extents
             else:
                 x = self.convs[j](x)
                 if self.batch_norm:
                     x = self.bns[j](x)
                 x = jax.nn.relu(x)
+                if extents is not None:
+                    extents = extents + 2 * self.convs[j].padding[0] - 2
+                    x = mask_beyond(x, extents)
                 j += 1
-        return feats
+        return feats, sizes

@@ -29,7 +29,7 @@ import optax
 import torch
 from flax import nnx
 
-from fcn_jax.choices import TUTORIAL_ARCHS
+from fcn_jax.choices import PAPER_ARCHS, SEGMENTERS
 from fcn_jax.conversion import infer_config, read_torch_state_dict
 from fcn_jax.errors import ConfigError
 from fcn_jax.models import create_model
@@ -98,16 +98,20 @@ def build_pair(arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
     model.train()
     name = (f"{arch}-{model.backbone.name}{'-bn' if model.backbone.batch_norm else ''}, {model.num_classes} classes, "
             f"weights: {source}")
+    if arch in PAPER_ARCHS:  # two frameworks' random dropout masks cannot agree: train mode compared without
+        twin.drop6.p = twin.drop7.p = model.vgg.drop6.rate = model.vgg.drop7.rate = 0.0
+        name += ", dropout off"
     return model, twin, name
 
 
 def make_batch(batch_size: int, size: tuple[int, int], num_classes: int, seed: int = 0,
-               dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised-image-like NCHW inputs and labels with a block of ignored pixels."""
+               dtype=np.float32, multiple: int = STRIDE) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised-image-like NCHW inputs and labels with a block of ignored pixels; sides a multiple of
+    ``multiple`` (the tutorial's PyTorch reference accepts nothing else; the paper's nets take any size)."""
     h, w = size
-    if h % STRIDE or w % STRIDE:
-        raise ConfigError(f"--size must be a multiple of {STRIDE} in both sides (the PyTorch reference "
-                          f"accepts nothing else), got {h}x{w}")
+    if h % multiple or w % multiple:
+        raise ConfigError(f"--size must be a multiple of {multiple} in both sides for the tutorial's FCNs (their "
+                          f"PyTorch reference accepts nothing else; the paper's take any size), got {h}x{w}")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     rng = np.random.default_rng(seed)
@@ -171,14 +175,15 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
             seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
             speed: bool = True, torch_compile: bool = False, progress: bool = True) -> CompareResult:
     """Build both models, run the fidelity checks and the speed measurement; see the module doc."""
-    if arch not in TUTORIAL_ARCHS:
-        raise ConfigError(f"compare covers the tutorial's FCNs ({', '.join(TUTORIAL_ARCHS)}), not {arch} yet")
+    if arch not in SEGMENTERS:
+        raise ConfigError(f"compare covers the segmentation nets ({', '.join(SEGMENTERS)}), not {arch}")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     with jax.enable_x64(float64), jax.default_matmul_precision("highest"):
         model, twin, name = build_pair(arch, backbone, batch_norm, num_classes, weights, seed, float64)
         images, labels = make_batch(batch_size, size, model.num_classes, seed,
-                                    np.float64 if float64 else np.float32)
+                                    np.float64 if float64 else np.float32, multiple=1 if model.arch in PAPER_ARCHS
+                                    else STRIDE)
         checks = fidelity_checks(model, twin, images, labels, lr=lr, float64=float64) if fidelity else []
     timings, flops = {}, {}
     if speed:  # at the backend's default precision: what users get

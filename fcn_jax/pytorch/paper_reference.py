@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchvision.models.vgg import VGG, make_layers
 
+from fcn_jax.errors import ConfigError
 from fcn_jax.models.paper import bilinear_kernel
 from fcn_jax.models.vgg import check_backbone_name, conv_names
 
@@ -66,6 +67,10 @@ class PaperFCN(_Trunk):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x):
+        return self.features_and_logits(x)[1]
+
+    def features_and_logits(self, x):
+        """``({"x1": pool1, .., "x5": pool5}, logits)``, the features named as fcn-jax names them."""
         h, w = x.shape[2:]
         pools, fc7 = self._trunk(x)
         score = self.score_fr(fc7)
@@ -74,7 +79,8 @@ class PaperFCN(_Trunk):
             skip = getattr(self, score_layer)(pools[pool] * scale)
             score = score + skip[:, :, offset:offset + score.shape[2], offset:offset + score.shape[3]]
         name, _, offset = self.last
-        return getattr(self, name)(score)[:, :, offset:offset + h, offset:offset + w]
+        features = {f"x{k[4:]}": v for k, v in pools.items()}
+        return features, getattr(self, name)(score)[:, :, offset:offset + h, offset:offset + w]
 
 
 class Heatmap(VGG):
@@ -108,7 +114,7 @@ def build_paper_model(arch: str, num_classes: int, backbone: str = "vgg16", seed
     torch.manual_seed(seed)
     if arch == "heatmap":
         if fc_width != 4096:
-            raise ValueError("the heatmap reference is torchvision's VGG: its classifier is 4096 wide")
+            raise ConfigError("the heatmap reference is torchvision's VGG: its classifier is 4096 wide")
         model = Heatmap(num_classes, backbone)
     else:
         model = PaperFCN(arch, num_classes, backbone, fc_width)

@@ -20,6 +20,7 @@ import optax
 import torch
 from flax import nnx
 
+from fcn_jax.choices import PAPER_ARCHS
 from fcn_jax.conversion import (
     infer_config,
     load_torch_state_dict,
@@ -28,6 +29,7 @@ from fcn_jax.conversion import (
     torch_entries,
     trunk_from_torchvision,
 )
+from fcn_jax.errors import ConfigError
 from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model, torch_feature_indices
 from fcn_jax.modes import in_mode
 from fcn_jax.pytorch.io import from_numpy, to_numpy
@@ -79,7 +81,13 @@ def relative_error(ours, reference, *, scale: float | None = None, name: str = "
 def random_reference(arch: str, num_classes: int, backbone: str, batch_norm: bool, seed: int = 0,
                      double: bool = False) -> torch.nn.Module:
     """The PyTorch reference FCN initialised from ``seed``, every BatchNorm's parameters and running
-    statistics moved off their defaults (so that eval and train mode differ), in train mode."""
+    statistics moved off their defaults (so that eval and train mode differ), in train mode. The paper's
+    nets (no BatchNorm) get random weights in every layer but the bilinear upsampling."""
+    if arch in PAPER_ARCHS:
+        if batch_norm:
+            raise ConfigError(f"{arch} has no BatchNorm (the paper's networks are plain VGG)")
+        twin = build_paper_model(arch, num_classes, backbone, seed=seed).train()
+        return twin.double() if double else twin
     torch.manual_seed(seed)
     twin = randomize_batchnorm_(build_torch_model(arch, num_classes, backbone, batch_norm), seed)
     return twin.double() if double else twin
@@ -174,7 +182,10 @@ def _nchw(x) -> np.ndarray:
 
 
 def _torch_forward(twin, x):
-    """``(features, logits)`` of the torch FCN, features captured from its backbone's output."""
+    """``(features, logits)`` of the torch FCN, features captured from its backbone's output (the paper's
+    reference returns its pools itself)."""
+    if not hasattr(twin, "pretrained_net"):
+        return twin.features_and_logits(x)
     captured = {}
     handle = twin.pretrained_net.register_forward_hook(lambda m, i, out: captured.update(out))
     try:
@@ -279,6 +290,8 @@ def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: 
                         if bn is not None}
     checks = []
     for group, tensors in ref.items():
+        if not tensors:  # "step bn stats" of the paper's nets, which have no BatchNorm
+            continue
         scales = {k: float(np.abs(v).max()) for k, v in tensors.items()}
         if group in ("step gradients", "step parameters"):
             largest = max(scales.values())
