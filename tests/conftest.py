@@ -1,12 +1,17 @@
 """Fixtures shared by the tests.
 
-The tests run in-process with XLA's default flags, as a program that imports fcn_jax does; the flag the
-``fcn-jax`` command sets (fcn_jax/xla_flags.py) is in force in every test that runs the command in a
-subprocess, and tests/test_xla_flags.py checks it. Without the flag the float64 checks run 2-5x faster
-(float64 convolutions are slow on XLA's Eigen path).
+The tests run with XLA's default flags, in-process and in the subprocesses they start:
+``FCN_JAX_XLA_DEFAULTS=0`` keeps the ``fcn-jax`` command from adding its CPU convolution flag
+(fcn_jax/xla_flags.py; tests/test_xla_flags.py checks the flag itself, in subprocesses without the
+setting).
+Without the flag the float64 checks run 2-5x faster (float64 convolutions are slow on XLA's Eigen path).
 """
 
+import os
+
 import pytest
+
+os.environ.setdefault("FCN_JAX_XLA_DEFAULTS", "0")
 
 
 @pytest.fixture(scope="session")
