@@ -39,6 +39,10 @@ class FCN(nnx.Module):
     """
 
     arch: str = ""
+    # (upsampling step k, backbone feature) pairs: the feature is added to step k's output before / after its
+    # BatchNorm
+    skips_before_bn: tuple[tuple[int, str], ...] = ()
+    skips_after_bn: tuple[tuple[int, str], ...] = ()
     size_multiple = STRIDE  # inputs are padded to it: batches may pad images to it too without changing logits
 
     def __init__(self, num_classes: int, *, backbone: str = "vgg16", batch_norm: bool = False,
@@ -63,7 +67,13 @@ class FCN(nnx.Module):
         return getattr(self, f"bn{k}")(score if skip is None else score + skip)
 
     def decode(self, feats: dict[str, jax.Array]) -> jax.Array:
-        raise NotImplementedError
+        """The five upsampling steps from ``x5``, with this variant's skips."""
+        score, before, after = feats["x5"], dict(self.skips_before_bn), dict(self.skips_after_bn)
+        for k in range(1, 6):
+            score = self.up(k, score, skip=feats[before[k]] if k in before else None)
+            if k in after:
+                score = score + feats[after[k]]
+        return score
 
     def __call__(self, images: jax.Array) -> jax.Array:
         return self.features_and_logits(images)[1]
@@ -82,42 +92,20 @@ class FCN(nnx.Module):
 class FCN32s(FCN):
     arch = "fcn32s"
 
-    def decode(self, f):
-        score = f["x5"]
-        for k in range(1, 6):
-            score = self.up(k, score)
-        return score
-
 
 class FCN16s(FCN):
     arch = "fcn16s"
-
-    def decode(self, f):
-        score = self.up(1, f["x5"], skip=f["x4"])
-        for k in range(2, 6):
-            score = self.up(k, score)
-        return score
+    skips_before_bn = ((1, "x4"),)
 
 
 class FCN8s(FCN):
     arch = "fcn8s"
-
-    def decode(self, f):
-        score = self.up(1, f["x5"], skip=f["x4"])
-        score = self.up(2, score, skip=f["x3"])
-        for k in range(3, 6):
-            score = self.up(k, score)
-        return score
+    skips_before_bn = ((1, "x4"), (2, "x3"))
 
 
 class FCNs(FCN):
     arch = "fcns"
-
-    def decode(self, f):
-        score = f["x5"]
-        for k, skip in enumerate(("x4", "x3", "x2", "x1"), start=1):
-            score = self.up(k, score) + f[skip]  # skip added after the BatchNorm
-        return self.up(5, score)
+    skips_after_bn = ((1, "x4"), (2, "x3"), (3, "x2"), (4, "x1"))
 
 
 def check_images(images) -> jax.Array:
