@@ -11,7 +11,7 @@ import logging
 import sys
 
 from fcn_jax import extras
-from fcn_jax.choices import ARCHS, BACKBONES, NORMALIZATIONS, SEGMENTERS
+from fcn_jax.choices import ARCHS, BACKBONES, EXPORT_FORMATS, NORMALIZATIONS, SEGMENTERS
 from fcn_jax.data import DATASETS
 from fcn_jax.errors import ConfigError, FcnJaxError
 from fcn_jax.training.config import add_config_arguments, parse_size
@@ -83,6 +83,19 @@ def _cmd_heatmap(args) -> int:
                                   normalization=args.normalization):
         print(f"{name:<30} peak probability {peak:.3f}")
     print(f"wrote {args.output}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from fcn_jax.deploy import export_file
+
+    result = export_file(args.weights, format=args.format, output=args.output,
+                         with_preprocessing=args.with_preprocessing, scores=args.scores,
+                         normalization=args.normalization, size=args.size, check=not args.no_verify)
+    if not result.ok:
+        print("fcn-jax: error: the exported file differs from the JAX model by more than the tolerance (marked "
+              "OVER TOLERANCE above); please report it with the command you ran", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -237,6 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalization", choices=NORMALIZATIONS, default="imagenet",
                    help="imagenet for torchvision's weights")
     p.set_defaults(func=_cmd_heatmap)
+
+    p = sub.add_parser("export", help="write a model as ONNX or serialized StableHLO, checked in its runtime",
+                       description="Export an fcn-jax weights file for deployment, then run the file in its own "
+                                   "runtime (onnxruntime / deserialised JAX) on random batches at two sizes and "
+                                   "compare it with the JAX model; exit 1 above 1e-5 relative. ONNX: NCHW float "
+                                   "in, NCHW logits out, batch, height and width dynamic (needs the onnx extra). "
+                                   "StableHLO: NHWC, symbolic batch, height and width multiples of 32 (or --size).")
+    p.add_argument("weights", help="an fcn-jax .safetensors file (any segmentation net or the heatmap)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    p.add_argument("--output", required=True, help="the file to write (e.g. fcn.onnx, fcn.jaxexport)")
+    p.add_argument("--with-preprocessing", action="store_true",
+                   help="the graph takes uint8 RGB images (N, H, W, 3) and returns class ids (N, H, W)")
+    p.add_argument("--scores", action="store_true", help="with --with-preprocessing: also return softmax scores")
+    p.add_argument("--normalization", choices=NORMALIZATIONS,
+                   help="with --with-preprocessing: the input normalisation (default: the one stored in the weights "
+                        "file by training, else imagenet)")
+    p.add_argument("--size", type=parse_size, metavar="HxW", help="StableHLO: a fixed height and width")
+    p.add_argument("--no-verify", action="store_true", help="write without running the file (not recommended)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")

@@ -25,3 +25,13 @@ def pytorch(module: str, needed_for: str) -> ModuleType:
         raise MissingExtraError(f"{needed_for} needs {' and '.join(missing)}, which fcn-jax installs with its torch "
                                 f"extra: pip install 'fcn-jax[torch]'")
     return importlib.import_module(f"fcn_jax.pytorch.{module}")
+
+
+def onnx(needed_for: str) -> ModuleType:
+    """:mod:`fcn_jax.onnx_export`; a :class:`MissingExtraError` naming ``needed_for`` where onnx or onnxruntime (the
+    ``onnx`` extra: the graph is checked, and verified in onnxruntime, as it is written) is not installed."""
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(f"{needed_for} needs {' and '.join(missing)}, which fcn-jax installs with its onnx "
+                                f"extra: pip install 'fcn-jax[onnx]'")
+    return importlib.import_module("fcn_jax.onnx_export")

@@ -39,9 +39,11 @@ def flat_variables(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
-def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None) -> Path:
+def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None,
+                 normalization: str | None = None) -> Path:
     """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file; optionally
-    the dataset's class names and colours, which ``fcn-jax predict`` uses for its pictures."""
+    the dataset's class names and colours, which ``fcn-jax predict`` uses for its pictures, and the input
+    normalisation the weights expect (``fcn-jax export --with-preprocessing`` builds it into the graph)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
@@ -52,6 +54,8 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
         meta["class_names"] = json.dumps(list(class_names))
     if palette is not None:
         meta["palette"] = json.dumps(np.asarray(palette).astype(int).tolist())
+    if normalization is not None:
+        meta["normalization"] = normalization
     tensors = {k: host_array(v[...]) for k, v in flat_variables(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -89,6 +93,8 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
         except ValueError:
             raise WeightsError(f"{path}: its metadata 'num_classes' is {meta['num_classes']!r}, not a number; "
                                f"{damaged}") from None
+    if "normalization" in meta:
+        config["normalization"] = meta["normalization"]
     for key in ("class_names", "palette"):
         if key in meta:
             try:

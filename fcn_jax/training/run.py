@@ -217,7 +217,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                              multiple=MODELS[config.arch].size_multiple, **feeding,
                              **shard)
     num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
-    labels = {"class_names": class_names, "palette": datasets["train"].palette}  # stored with the weights
+    labels = {"class_names": class_names, "palette": datasets["train"].palette,  # stored with the weights
+              "normalization": config.normalization}
     if config.class_weights is not None and len(config.class_weights) != num_classes:
         raise ConfigError(f"--class-weights has {len(config.class_weights)} values; the dataset has "
                           f"{num_classes} classes")
