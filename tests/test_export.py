@@ -96,6 +96,13 @@ def test_stablehlo_reloads_without_fcn_jax(arch, batch_norm, tmp_path):
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@SLOW
+@pytest.mark.parametrize("arch,batch_norm", [("fcn32s", True), ("fcn16s", False), ("fcns", True),
+                                             ("fcn32s_paper", False), ("fcn16s_paper", False), ("fcn8s_paper", False)])
+def test_stablehlo_every_other_architecture(arch, batch_norm):
+    _assert_verified(_model(arch, batch_norm=batch_norm), "stablehlo")
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
 def test_preprocessing_takes_uint8_rgb_and_returns_the_class_ids_of_the_model(fmt):
     model = _model("fcn8s", batch_norm=True, num_classes=4)
