@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir")
     p.add_argument("--split", help="default: the run's validation split, else val")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, help="default: the run's, else imagenet")
+    p.add_argument("--normalization", choices=NORMALIZATIONS,
+                   help="default: the run's or the weights file's, else imagenet")
     p.add_argument("--output", help="write OUTPUT.json (metrics, per-class IoU, confusion matrix) and "
                                     "OUTPUT_confusion.png; a folder (or a path ending in /) gets metrics.json and "
                                     "confusion.png inside")
@@ -202,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also NAME_overlay.png: image | prediction, with a legend")
     p.add_argument("--index-png", action="store_true", help="also NAME_index.png: raw class indices")
     p.add_argument("--logits", action="store_true", help="also NAME_logits.npy: float32 (H, W, C)")
-    p.add_argument("--normalization", choices=NORMALIZATIONS, default="imagenet",
-                   help="as in training (a run directory's own setting wins)")
+    p.add_argument("--normalization", choices=NORMALIZATIONS,
+                   help="as in training (default: the run's or the weights file's, else imagenet)")
     p.add_argument("--max-side", type=int, metavar="N",
                    help="predict images whose longer side exceeds N at that size and scale the results back "
                         "(bounds the memory a large photo needs; predict says when it is needed)")

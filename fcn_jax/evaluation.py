@@ -24,9 +24,9 @@ from fcn_jax.errors import ConfigError
 from fcn_jax.metrics import confusion_matrix, metrics_table, segmentation_metrics
 from fcn_jax.models import forward
 from fcn_jax.modes import in_mode
-from fcn_jax.runs import resolve_weights
+from fcn_jax.runs import input_normalization, resolve_weights
 from fcn_jax.sharding import device_batch_size, make_mesh, replicate_state, shard_batch
-from fcn_jax.weights import load_model
+from fcn_jax.weights import load_model, read_weights_config
 
 
 @nnx.jit(static_argnames=("num_classes", "ignore_index"))
@@ -83,7 +83,7 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
     if dataset is None:
         raise ConfigError("pass --dataset (and --data-dir): the weights file does not say what it was trained on")
     split = split or run.get("val_split", "val")
-    normalization = normalization or run.get("normalization", "imagenet")
+    normalization = input_normalization(normalization, run, read_weights_config(path))
     if dataset == run.get("dataset"):
         data_dir = data_dir or run.get("data_dir")
     kwargs = {}

@@ -25,7 +25,7 @@ from fcn_jax.drawing import blend, colorize, picture, voc_palette
 from fcn_jax.errors import ConfigError, DatasetError, InputError
 from fcn_jax.models import forward
 from fcn_jax.modes import in_mode
-from fcn_jax.runs import resolve_weights
+from fcn_jax.runs import input_normalization, resolve_weights
 from fcn_jax.sharding import DATA_AXIS, device_batch_size, make_mesh, replicate_state, shard_batch
 from fcn_jax.weights import load_model, read_weights_config
 
@@ -207,7 +207,7 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bool = False, index_png: bool = False,
-                save_logits: bool = False, normalization: str = "imagenet", batch_size: int = 0,
+                save_logits: bool = False, normalization: str | None = None, batch_size: int = 0,
                 max_side: int | None = None, skip_bad: bool = False, workers: int | None = None,
                 progress: bool = True) -> list[Path]:
     """Predict every input image; writes ``OUTPUT/NAME_mask.png`` (colours of the weights' dataset) and
@@ -219,9 +219,8 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
     paths = expand_inputs(inputs)
     out.mkdir(parents=True, exist_ok=True)
     path, run = resolve_weights(weights)
-    if run is not None:
-        normalization = run.get("normalization", normalization)
     meta = read_weights_config(path)  # header only; load_model reads the tensors
+    normalization = input_normalization(normalization, run, meta)
     model = load_model(path)
     names = meta.get("class_names") or [f"class {i}" for i in range(model.num_classes)]
     palette = np.array(meta.get("palette") or voc_palette(model.num_classes), np.uint8)

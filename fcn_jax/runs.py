@@ -37,3 +37,9 @@ def read_settings(run_dir: Path) -> dict | None:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); restore it from the checkpoint's info record "
                           f"or start a new run") from None
+
+
+def input_normalization(given: str | None, run: dict | None, weights_config: dict) -> str:
+    """The input normalisation to use with some weights: ``given`` (the command line) wins, then the training
+    run's setting, then the one stored in the weights file (training stores it), else ``imagenet``."""
+    return given or (run or {}).get("normalization") or weights_config.get("normalization") or "imagenet"

@@ -101,3 +101,22 @@ def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path
     assert main(["predict", str(weights), str(tmp_path / "big.png"), "--output", str(tmp_path / "out"),
                  "--max-side", "96", "--index-png", "--no-progress"]) == 0
     assert Image.open(tmp_path / "out" / "big_index.png").size == (600, 400)  # scaled back to the image
+
+
+def test_the_weights_files_normalisation_is_used_unless_one_is_given(tmp_path, capsys):
+    from fcn_jax.runs import input_normalization
+
+    model = fcn_jax.load_model(fcn_jax.save_weights(fcn_jax.create_model("fcn32s", num_classes=3, backbone="vgg11"),
+                                                    tmp_path / "plain.safetensors"))
+    path = fcn_jax.save_weights(model, tmp_path / "m.safetensors", normalization="caffe")
+    image = _images()[1]
+    Image.fromarray(image).save(tmp_path / "a.png")
+    for given, expected in ((None, "caffe"), ("reference", "reference")):
+        out = tmp_path / f"out_{given}"
+        args = ["predict", str(path), str(tmp_path / "a.png"), "--output", str(out), "--logits", "--no-progress"]
+        assert main(args + (["--normalization", given] if given else [])) == 0
+        np.testing.assert_array_equal(np.load(out / "a_logits.npy"),
+                                      fcn_jax.predict(model, image, normalization=expected, logits=True))
+    capsys.readouterr()
+    assert input_normalization(None, {"normalization": "reference"}, {"normalization": "caffe"}) == "reference"
+    assert input_normalization(None, None, {}) == "imagenet"
