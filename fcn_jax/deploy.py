@@ -30,12 +30,14 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax import extras
+from fcn_jax.atomic_files import atomic_target
 from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
 from fcn_jax.data.pipeline import normalize
 from fcn_jax.device_input import normalize_on_device
 from fcn_jax.errors import ConfigError, InputError
 from fcn_jax.models import FCN, Heatmap, PaperFCN
 from fcn_jax.modes import in_mode
+from fcn_jax.runs import input_normalization
 
 TOLERANCE = 1e-5  # max |exported - JAX| / max |JAX| of float32 logits (or scores)
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -226,28 +228,22 @@ def export_file(weights: str | os.PathLike, *, format: str, output: str | os.Pat
     if config.get("model") != "fcn":
         raise InputError(f"{weights} holds a bare VGG backbone; export takes a whole network (an FCN, a paper FCN "
                          f"or the heatmap)")
-    if with_preprocessing and normalization is None:
-        normalization = config.get("normalization")
-        if normalization is None:
-            normalization = "imagenet"
-            progress(f"note: {weights} does not say how its images were normalised; the graph normalises as "
-                     f"'imagenet' (give --normalization if the model was trained otherwise)")
+    if with_preprocessing and normalization is None and "normalization" not in config:
+        progress(f"note: {weights} does not say how its images were normalised; the graph normalises as "
+                 f"'imagenet' (give --normalization if the model was trained otherwise)")
+    normalization = input_normalization(normalization, None, config)
     model = load_model(weights)
-    data = export(model, format, with_preprocessing=with_preprocessing, normalization=normalization or "imagenet",
-                  scores=scores, size=size)
+    data = export(model, format, with_preprocessing=with_preprocessing, normalization=normalization, scores=scores,
+                  size=size)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(output) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     progress(f"wrote {output} ({format}, {len(data) / 2**20:.1f} MiB, {model.arch}-{model.backbone.name}"
              + (f", uint8 RGB in, class ids out, normalisation {normalization}" if with_preprocessing else "") + ")")
     checks = []
     if check:
-        checks = verify(model, output.read_bytes(), format, with_preprocessing=with_preprocessing,
-                        normalization=normalization or "imagenet", scores=scores,
+        checks = verify(model, output.read_bytes(), format, with_preprocessing=with_preprocessing,  # as written
+                        normalization=normalization, scores=scores,
                         shapes=default_verify_sizes(model, format, size))
         for c in checks:
             progress(f"verified in {'onnxruntime' if format == 'onnx' else 'deserialised JAX'}: {c.describe()}")

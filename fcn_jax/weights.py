@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fcn_jax.atomic_files import atomic_target
 from fcn_jax.conversion import describe
 from fcn_jax.errors import WeightsError, check_values, key_problems_message
 from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model
@@ -58,12 +59,8 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
         meta["normalization"] = normalization
     tensors = {k: host_array(v[...]) for k, v in flat_variables(model).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fcn_jax.atomic_files import atomic_target
 from fcn_jax.errors import WeightsError, first_line
 
 
@@ -50,9 +50,5 @@ def load_file(path: Path) -> Mapping:
 
 def save_file(state_dict: Mapping[str, np.ndarray], path: Path) -> None:
     """``state_dict`` as a ``.pth`` of tensors, written atomically (a temporary file renamed into place)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_target(path) as tmp:
         torch.save(from_numpy(state_dict), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
