@@ -19,19 +19,19 @@ from fcn_jax.errors import MissingExtraError
 def pytorch(module: str, needed_for: str) -> ModuleType:
     """``fcn_jax.pytorch.<module>``; a :class:`MissingExtraError` naming ``needed_for`` where torch (or, for
     anything beyond reading and writing ``.pth`` files, torchvision) is not installed."""
-    needs = ("torch",) if module == "io" else ("torch", "torchvision")
-    missing = [name for name in needs if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingExtraError(f"{needed_for} needs {' and '.join(missing)}, which fcn-jax installs with its torch "
-                                f"extra: pip install 'fcn-jax[torch]'")
+    _require(("torch",) if module == "io" else ("torch", "torchvision"), "torch", needed_for)
     return importlib.import_module(f"fcn_jax.pytorch.{module}")
 
 
 def onnx(needed_for: str) -> ModuleType:
     """:mod:`fcn_jax.onnx_export`; a :class:`MissingExtraError` naming ``needed_for`` where onnx or onnxruntime (the
     ``onnx`` extra: the graph is checked, and verified in onnxruntime, as it is written) is not installed."""
-    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingExtraError(f"{needed_for} needs {' and '.join(missing)}, which fcn-jax installs with its onnx "
-                                f"extra: pip install 'fcn-jax[onnx]'")
+    _require(("onnx", "onnxruntime"), "onnx", needed_for)
     return importlib.import_module("fcn_jax.onnx_export")
+
+
+def _require(packages: tuple[str, ...], extra: str, needed_for: str) -> None:
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingExtraError(f"{needed_for} needs {' and '.join(missing)}, which fcn-jax installs with its {extra} "
+                                f"extra: pip install 'fcn-jax[{extra}]'")
