@@ -37,7 +37,6 @@ def eval_step(model, images: jax.Array, labels: jax.Array, num_classes: int, ign
     return confusion_matrix(forward(model, images, sizes), labels, num_classes, ignore_index)
 
 
-
 def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, progress=None) -> np.ndarray:
     """The confusion matrix of ``model`` in eval mode over one pass of ``batches`` (e.g. ``EvalBatches``),
     accumulated on device. The model is left in the mode it had."""

@@ -56,24 +56,25 @@ class _Graph:
 
     # -- layers ---------------------------------------------------------------------------------------
 
-    def conv(self, x: str, layer: Conv2d, name: str) -> str:
+    def _weights(self, layer: Conv2d | ConvTranspose2d, name: str) -> list[str]:
+        """The kernel in PyTorch's layout (both layers' kernels: (kh, kw, a, b) -> (b, a, kh, kw)) and the bias."""
         weight = self.const(np.asarray(layer.kernel[...], np.float32).transpose(3, 2, 0, 1), f"{name}.weight")
-        inputs = [x, weight] + ([self.const(np.asarray(layer.bias[...], np.float32), f"{name}.bias")]
-                                if layer.bias is not None else [])
+        return [weight] + ([self.const(np.asarray(layer.bias[...], np.float32), f"{name}.bias")]
+                           if layer.bias is not None else [])
+
+    def conv(self, x: str, layer: Conv2d, name: str) -> str:
         (ph, pw), (kh, kw) = layer.padding, layer.kernel.shape[:2]
-        return self.op("Conv", inputs, name, kernel_shape=[kh, kw], strides=list(layer.stride),
-                       dilations=list(layer.dilation), pads=[ph, pw, ph, pw])
+        return self.op("Conv", [x, *self._weights(layer, name)], name, kernel_shape=[kh, kw],
+                       strides=list(layer.stride), dilations=list(layer.dilation), pads=[ph, pw, ph, pw])
 
     def conv_transpose(self, x: str, layer: ConvTranspose2d, name: str) -> str:
         kh, kw = layer.kernel.shape[:2]
         # the layer keeps the explicit padding (d(k-1) - p, d(k-1) - p + output_padding) of its convolution
         pads = [d * (k - 1) - lo for (lo, _), d, k in zip(layer.padding, layer.dilation, (kh, kw), strict=True)]
         output_padding = [hi - lo for lo, hi in layer.padding]
-        weight = self.const(np.asarray(layer.kernel[...], np.float32).transpose(3, 2, 0, 1), f"{name}.weight")
-        inputs = [x, weight] + ([self.const(np.asarray(layer.bias[...], np.float32), f"{name}.bias")]
-                                if layer.bias is not None else [])
-        return self.op("ConvTranspose", inputs, name, kernel_shape=[kh, kw], strides=list(layer.stride),
-                       dilations=list(layer.dilation), pads=[*pads, *pads], output_padding=output_padding)
+        return self.op("ConvTranspose", [x, *self._weights(layer, name)], name, kernel_shape=[kh, kw],
+                       strides=list(layer.stride), dilations=list(layer.dilation), pads=[*pads, *pads],
+                       output_padding=output_padding)
 
     def batch_norm(self, x: str, bn: BatchNorm2d, name: str) -> str:
         params = [self.const(np.asarray(v[...], np.float32), f"{name}.{key}")

@@ -20,11 +20,11 @@ from fcn_jax.data import normalize
 from fcn_jax.deploy import TOLERANCE, default_verify_sizes, export, verify
 from fcn_jax.errors import ConfigError, MissingExtraError
 from fcn_jax.models import MODELS
+from tests.helpers import NARROW
 
 pytest.importorskip("onnxruntime")
 
 SLOW = pytest.mark.slow
-NARROW = 64  # fc6/fc7 width of the paper nets here (4096 as published; the graph does not depend on it)
 
 
 def _model(arch, backbone="vgg11", batch_norm=False, num_classes=3):

@@ -11,18 +11,14 @@ import pytest
 from flax import nnx
 
 import fcn_jax
+from fcn_jax.choices import PAPER_ARCHS
 from fcn_jax.errors import WeightsError
 from fcn_jax.layers import max_pool_2x2, pad_to_even
 from fcn_jax.models import MODELS
 from fcn_jax.models.paper import Upsampling, bilinear_kernel
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import train_step, trainable
-from tests.helpers import TinyDataset, assert_close, nchw, nhwc
-
-PAPER_ARCHS = ("fcn32s_paper", "fcn16s_paper", "fcn8s_paper", "fcn8s_atonce_paper")
-# fc6/fc7 are 4096 wide as published (fc6 alone: 103M weights); the head logic does not depend on the width, so
-# most checks use narrow nets; the full width is checked by the published layout, the heatmap and the trunk tests.
-NARROW = 64
+from tests.helpers import NARROW, TinyDataset, assert_close, nchw, nhwc
 
 
 def _pair(arch, backbone="vgg11", num_classes=5, seed=1, dropout=0.5):

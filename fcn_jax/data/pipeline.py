@@ -254,7 +254,6 @@ class EvalBatches(_ReadByWorkers):
         return mine + [-1] * (self.local - len(mine))
 
 
-
 class _EvalBatch:
     """The worker task of :class:`EvalBatches`: ``((H, W), indices)`` -> the padded batch of those samples."""
 

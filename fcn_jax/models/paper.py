@@ -50,8 +50,8 @@ def bilinear_kernel(size: int, channels: int) -> np.ndarray:
     return kernel
 
 
-def _masked(x: jax.Array, extents: jax.Array | None, change: int = 0) -> jax.Array:
-    return x if extents is None else mask_beyond(x, extents + change)
+def _masked(x: jax.Array, extents: jax.Array | None) -> jax.Array:
+    return x if extents is None else mask_beyond(x, extents)
 
 
 def _crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
@@ -60,8 +60,8 @@ def _crop(x: jax.Array, offset: int, size: tuple[int, int]) -> jax.Array:
 
 class ConvolutionalizedVGG(nnx.Module):
     """VGG's features, then fc6 (7x7 valid conv) and fc7 (1x1), ``fc_width`` channels each (4096 as published),
-    each with ReLU and channel dropout
-    (``Dropout2d``: whole channels of a sample zeroed, the rest scaled by 2; off in eval mode). The model holds
+    each with ReLU and channel dropout (``Dropout2d``: whole channels of a sample zeroed, the rest scaled by 2;
+    off in eval mode). The model holds
     no random state: in train mode the caller passes ``rngs`` with a ``dropout`` stream (training derives its
     key from the run's seed and the step, so a resumed run draws the same masks)."""
 
@@ -77,15 +77,16 @@ class ConvolutionalizedVGG(nnx.Module):
 
     def fully_convolutional(self, x5: jax.Array, rngs: nnx.Rngs | None, extents: jax.Array | None = None
                             ) -> jax.Array:
-        """fc6 and fc7 on the backbone's last map (masked beyond ``extents - 6``, fc6 being a valid 7x7 conv)."""
+        """fc6 and fc7 on the backbone's last map; with ``extents`` (each image's valid extent of fc6's output,
+        ``x5``'s minus 6), everything beyond it zeroed."""
         if known_sizes(*x5.shape[1:3]) and min(x5.shape[1:3]) < 7:
             raise InputError(f"fc6 is a 7x7 convolution but pool5 is {x5.shape[1]}x{x5.shape[2]}: images must be at "
                              f"least 224x224 for the heatmap (the segmentation nets pad and take any size)")
         if rngs is None and not self.drop6.deterministic and self.drop6.rate > 0:
             raise ConfigError("in train mode the paper's networks need rngs=nnx.Rngs(dropout=key) for their dropout "
                               "(or call model.eval() first)")
-        x = self.drop6(_masked(jax.nn.relu(self.fc6(x5)), extents, -6), rngs=rngs)
-        return self.drop7(_masked(jax.nn.relu(self.fc7(x)), extents, -6), rngs=rngs)
+        x = self.drop6(_masked(jax.nn.relu(self.fc6(x5)), extents), rngs=rngs)
+        return self.drop7(_masked(jax.nn.relu(self.fc7(x)), extents), rngs=rngs)
 
 
 class Heatmap(nnx.Module):
@@ -167,14 +168,13 @@ class PaperFCN(nnx.Module):
         images = check_images(images)
         size = images.shape[1:3]
         feats, extents = self.backbone.features_and_extents(images, None if sizes is None else jnp.asarray(sizes))
-        x5 = extents.get("x5")
-        score = _masked(self.score_fr(self.vgg.fully_convolutional(feats["x5"], rngs, x5)), x5, -6)
-        score_extent = None if x5 is None else x5 - 6
+        score_extent = None if extents["x5"] is None else extents["x5"] - 6  # fc6: a valid 7x7 convolution
+        score = _masked(self.score_fr(self.vgg.fully_convolutional(feats["x5"], rngs, score_extent)), score_extent)
         for feature, score_layer, upsampling, offset, scale in self.skips:
             layer = getattr(self, upsampling)
             score = layer(score)  # no bias: nothing beyond the upsampled extent
             skip = _masked(getattr(self, score_layer)(feats[feature] * scale if scale != 1 else feats[feature]),
-                           extents.get(feature))
+                           extents[feature])
             score = score + _crop(skip, offset, score.shape[1:3])
             if score_extent is not None:
                 score_extent = (score_extent - 1) * layer.stride[0] + layer.kernel.shape[0]

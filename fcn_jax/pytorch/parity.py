@@ -87,9 +87,9 @@ def random_reference(arch: str, num_classes: int, backbone: str, batch_norm: boo
         if batch_norm:
             raise ConfigError(f"{arch} has no BatchNorm (the paper's networks are plain VGG)")
         twin = build_paper_model(arch, num_classes, backbone, seed=seed).train()
-        return twin.double() if double else twin
-    torch.manual_seed(seed)
-    twin = randomize_batchnorm_(build_torch_model(arch, num_classes, backbone, batch_norm), seed)
+    else:
+        torch.manual_seed(seed)
+        twin = randomize_batchnorm_(build_torch_model(arch, num_classes, backbone, batch_norm), seed)
     return twin.double() if double else twin
 
 
