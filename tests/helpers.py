@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 
 def nhwc(x):
@@ -68,3 +71,52 @@ class TinyDataset:
 
     def image_sizes(self):
         return [(self.size, self.size)] * self.n
+
+
+def jpg(path: Path, h=20, w=30, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)).save(path)
+
+
+def palette_png(path: Path, mask: np.ndarray):
+    from fcn_jax.drawing import voc_palette
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(mask.astype(np.uint8), mode="P")
+    im.putpalette(voc_palette().ravel().tolist())
+    im.save(path)
+
+
+def label(seed, h=20, w=30, classes=21):
+    mask = np.random.default_rng(seed).integers(0, classes, (h, w))
+    mask[0] = 255  # a void border row
+    return mask
+
+
+def make_voc_tree(tmp_path):
+    """A tiny VOC2012 + SBD + VOC2011 tree (20x30 images): ``(root, labels by name)``."""
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    labels = {}
+    for i, name in enumerate(["a", "b", "c"]):
+        jpg(voc / "JPEGImages" / f"{name}.jpg", seed=i)
+        labels[name] = label(i)
+        palette_png(voc / "SegmentationClass" / f"{name}.png", labels[name])
+    seg = voc / "ImageSets" / "Segmentation"
+    seg.mkdir(parents=True)
+    (seg / "train.txt").write_text("a\nb\n")
+    (seg / "val.txt").write_text("c\n")
+    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
+    from scipy.io import savemat
+
+    for i, name in enumerate(["b", "d"], start=10):
+        jpg(sbd / "img" / f"{name}.jpg", seed=i)
+        labels[f"sbd_{name}"] = np.random.default_rng(i).integers(0, 21, (20, 30))
+        (sbd / "cls").mkdir(parents=True, exist_ok=True)
+        savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": labels[f"sbd_{name}"].astype(np.uint8),
+                                                        "CategoriesPresent": np.array([1])}})
+    (sbd / "train.txt").write_text("d\nc\n")
+    (sbd / "val.txt").write_text("b\n")
+    v11 = tmp_path / "VOCdevkit" / "VOC2011" / "ImageSets" / "Segmentation"
+    v11.mkdir(parents=True)
+    (v11 / "val.txt").write_text("a\nc\nd\n")
+    return tmp_path, labels

@@ -13,53 +13,15 @@ from fcn_jax.data.cityscapes import LABEL_TO_TRAIN
 from fcn_jax.data.pipeline import EvalBatches, normalize
 from fcn_jax.drawing import voc_palette
 from fcn_jax.errors import DatasetError
-
-
-def _jpg(path: Path, h=20, w=30, seed=0):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), np.uint8)).save(path)
-
-
-def _palette_png(path: Path, label: np.ndarray):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(label.astype(np.uint8), mode="P")
-    im.putpalette(voc_palette().ravel().tolist())
-    im.save(path)
-
-
-def _label(seed, h=20, w=30, classes=21):
-    label = np.random.default_rng(seed).integers(0, classes, (h, w))
-    label[0] = 255  # a void border row
-    return label
+from tests.helpers import jpg as _jpg
+from tests.helpers import label as _label
+from tests.helpers import make_voc_tree
+from tests.helpers import palette_png as _palette_png
 
 
 @pytest.fixture
 def voc_root(tmp_path):
-    voc = tmp_path / "VOCdevkit" / "VOC2012"
-    labels = {}
-    for i, name in enumerate(["a", "b", "c"]):
-        _jpg(voc / "JPEGImages" / f"{name}.jpg", seed=i)
-        labels[name] = _label(i)
-        _palette_png(voc / "SegmentationClass" / f"{name}.png", labels[name])
-    seg = voc / "ImageSets" / "Segmentation"
-    seg.mkdir(parents=True)
-    (seg / "train.txt").write_text("a\nb\n")
-    (seg / "val.txt").write_text("c\n")
-    sbd = tmp_path / "benchmark_RELEASE" / "dataset"
-    from scipy.io import savemat
-
-    for i, name in enumerate(["b", "d"], start=10):
-        _jpg(sbd / "img" / f"{name}.jpg", seed=i)
-        labels[f"sbd_{name}"] = np.random.default_rng(i).integers(0, 21, (20, 30))
-        (sbd / "cls").mkdir(parents=True, exist_ok=True)
-        savemat(sbd / "cls" / f"{name}.mat", {"GTcls": {"Segmentation": labels[f"sbd_{name}"].astype(np.uint8),
-                                                        "CategoriesPresent": np.array([1])}})
-    (sbd / "train.txt").write_text("d\nc\n")
-    (sbd / "val.txt").write_text("b\n")
-    v11 = tmp_path / "VOCdevkit" / "VOC2011" / "ImageSets" / "Segmentation"
-    v11.mkdir(parents=True)
-    (v11 / "val.txt").write_text("a\nc\nd\n")
-    return tmp_path, labels
+    return make_voc_tree(tmp_path)
 
 
 def test_voc_palette_pngs_decode_to_class_indices(voc_root):
