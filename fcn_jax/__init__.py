@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 _HOMES = {
     "fcn_jax.deploy": ("export",),
     "fcn_jax.conversion": ("infer_config", "load_torch_state_dict", "read_torch_state_dict", "to_torch_state_dict"),
-    "fcn_jax.errors": ("ConfigError", "DatasetError", "FcnJaxError", "InputError", "MissingExtraError", "RunError",
-                       "TrainingDiverged", "WeightsError"),
+    "fcn_jax.errors": ("ConfigError", "DatasetError", "FcnJaxError", "InputError", "MissingExtraError", "OutputError",
+                       "RunError", "TrainingDiverged", "WeightsError"),
     "fcn_jax.models": ("ARCHS", "BACKBONES", "FCN", "VGGBackbone", "create_model"),
     "fcn_jax.prediction": ("predict",),
     "fcn_jax.parameter_table": ("summary",),

@@ -7,7 +7,7 @@ exit with status 2; anything else is a bug and keeps its traceback (status 1).
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import sys
 
 from fcn_jax import extras
@@ -36,9 +36,19 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from fcn_jax.training.stopping import EXIT_STOPPED, StopRequests, TrainingStopped
+
+    try:  # signals are caught from here on, before JAX loads (multi-host runs leave SIGTERM to JAX's service)
+        with contextlib.nullcontext() if args.distributed else StopRequests(multi_process=False):
+            return _run_training(args)
+    except TrainingStopped as e:
+        print(f"fcn-jax: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def _run_training(args) -> int:
     from fcn_jax.training.config import explicit_overrides, resolve_config
     from fcn_jax.training.run import initialize_distributed, resume, train
-    from fcn_jax.training.stopping import EXIT_STOPPED, TrainingStopped
 
     overrides = explicit_overrides(args)
     if args.resume and args.preset:
@@ -46,14 +56,10 @@ def _cmd_train(args) -> int:
     config = None if args.resume else resolve_config(args.preset or "synthetic", **overrides)  # checked first
     if args.distributed:
         initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    try:
-        if args.resume:
-            resume(overrides.pop("run_dir", "runs/fcn"), overrides, progress=not args.no_progress)
-        else:
-            train(config, progress=not args.no_progress)
-    except TrainingStopped as e:
-        print(f"fcn-jax: {e}", file=sys.stderr)
-        return EXIT_STOPPED
+    if args.resume:
+        resume(overrides.pop("run_dir", "runs/fcn"), overrides, progress=not args.no_progress)
+    else:
+        train(config, progress=not args.no_progress)
     return 0
 
 
@@ -284,12 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log = logging.getLogger("fcn_jax")  # our notes only, not JAX's backend chatter
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("note: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
     if not getattr(args, "float64", False):  # the flag slows float64 convolutions down: see fcn_jax/xla_flags.py
         use_fast_cpu_convolutions()  # before anything starts JAX's backend
     try:

@@ -16,7 +16,6 @@ mean, var, num_batches_tracked``. Permutations are exact, so torch -> Flax -> to
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -31,8 +30,7 @@ from fcn_jax.errors import WeightsError, check_values, key_problems_message
 from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
 from fcn_jax.models.paper import Heatmap, PaperFCN
 from fcn_jax.models.vgg import conv_names
-
-log = logging.getLogger("fcn_jax")
+from fcn_jax.notes import note
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +158,7 @@ def read_torch_state_dict(source) -> dict[str, np.ndarray]:
 def _unwrap(sd: Mapping) -> Mapping:
     for key in ("state_dict", "model_state_dict", "model", "net"):
         if isinstance(sd.get(key), Mapping) and not any(_is_array(v) for v in sd.values()):
-            log.info("using the weights under %r of the checkpoint", key)
+            note("using the weights under %r of the checkpoint", key)
             return sd[key]
     return sd
 
@@ -311,8 +309,8 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
         # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
         # updates BatchNorm statistics in place.
         var.set_value(jnp.array(field.to_flax(sd[key], var.shape), dtype=var.dtype, copy=True))
-    for note in notes:
-        log.info(note)
+    for text in notes:
+        note(text)
     ignored += [k for k in sd if k not in entries]
     return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
 

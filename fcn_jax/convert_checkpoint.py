@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from pathlib import Path
 
 from flax import nnx
 
 from fcn_jax import extras
+from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.conversion import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
 from fcn_jax.errors import ConfigError
 from fcn_jax.models import ARCHS, Heatmap, PaperFCN, VGGBackbone, create_model
+from fcn_jax.notes import note
 from fcn_jax.weights import load_model, save_weights
 
-log = logging.getLogger("fcn_jax")
 TOLERANCE = 1e-5  # eval-mode max |jax - torch| / max |torch| that --verify accepts (fp32)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -49,6 +49,8 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     if (input is None) == (torchvision is None):
         raise ConfigError("give exactly one of --input FILE and --torchvision NAME")
     output = Path(output)
+    if input is not None:
+        refuse_overwriting([("--output", output)], [("--input", input)])
     if input is not None and Path(input).suffix == ".safetensors" and output.suffix in TORCH_SUFFIXES:
         return _to_torch_file(Path(input), output, verify, verify_size)
     if output.suffix != ".safetensors":
@@ -86,7 +88,7 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
         target = model.backbone if found["layout"] == "vgg" and not whole else model
         if found["layout"] == "vgg" and arch != "heatmap":
             notes.append(f"backbone from the VGG weights; decoder and classifier freshly initialised (seed {seed})")
-            log.info(notes[-1])
+            note(notes[-1])
     notes += load_torch_state_dict(target, sd).notes
     names = None
     if arch == "heatmap" and model.num_classes == 1000:  # ImageNet's classifier: keep its class names

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax import extras
-from fcn_jax.atomic_files import atomic_target
+from fcn_jax.atomic_files import atomic_target, refuse_overwriting
 from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
 from fcn_jax.data.pipeline import normalize
 from fcn_jax.device_input import normalize_on_device
@@ -222,6 +222,7 @@ def export_file(weights: str | os.PathLike, *, format: str, output: str | os.Pat
     output = Path(output)
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name, e.g. {output / ('model.' + format)}")
+    refuse_overwriting([("--output", output)], [("the weights", weights)])
     if format == "onnx":
         extras.onnx("ONNX export")  # before loading the weights: the missing extra is the first thing to say
     config = read_weights_config(weights)
@@ -235,7 +236,6 @@ def export_file(weights: str | os.PathLike, *, format: str, output: str | os.Pat
     model = load_model(weights)
     data = export(model, format, with_preprocessing=with_preprocessing, normalization=normalization, scores=scores,
                   size=size)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(output) as tmp:
         tmp.write_bytes(data)
     progress(f"wrote {output} ({format}, {len(data) / 2**20:.1f} MiB, {model.arch}-{model.backbone.name}"

@@ -42,6 +42,10 @@ class RunError(FcnJaxError):
     """A training run's folder that cannot be started or resumed as asked."""
 
 
+class OutputError(FcnJaxError):
+    """A file that cannot be written where it was asked for (a read-only or missing folder, a full disk)."""
+
+
 class TrainingDiverged(FcnJaxError):
     """The loss or the parameters became NaN or infinite."""
 

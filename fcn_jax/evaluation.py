@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from fcn_jax import runs
+from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data import get_dataset
 from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.drawing import plot_confusion
@@ -77,6 +79,9 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
     left out come from the run's config when ``weights`` is a run directory."""
     reports = _report_paths(output) if output else None
     path, run = resolve_weights(weights)
+    if reports:
+        inputs = [("the weights", path), *[("the run's settings", Path(weights) / runs.CONFIG)] * bool(run)]
+        refuse_overwriting(zip(("--output", "--output's picture"), reports, strict=True), inputs)
     run = run or {}
     dataset = dataset or run.get("dataset")
     if dataset is None:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data.files import read_image
 from fcn_jax.data.pipeline import normalize
 from fcn_jax.drawing import heatmap_picture
@@ -41,14 +42,17 @@ def run_heatmap(weights: str, image_path: str, output: str, *, top: int = 3, nor
         raise ConfigError(f"--top must be >= 1, got {top}")
     if Path(output).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise ConfigError(f"--output {output}: give a .png or .jpg file")
+    refuse_overwriting([("--output", output)], [("the image", image_path), ("the weights", weights)])
     meta = read_weights_config(weights)
     if meta.get("arch") != "heatmap":
         raise ConfigError(f"{weights} holds {meta.get('arch') or 'a VGG backbone'}, not the heatmap model: convert "
                           f"torchvision's VGG with `fcn-jax convert --torchvision vgg16 --arch heatmap --output FILE`")
+    if top > meta["num_classes"]:
+        raise ConfigError(f"--top {top}: the model has {meta['num_classes']} classes; give at most that many")
+    image = read_image(Path(image_path), fix="give a PNG or JPEG photo")
     model = load_model(weights)
     names = meta.get("class_names") or [f"class {i}" for i in range(model.num_classes)]
-    image = read_image(Path(image_path))
     maps = class_maps(model, image, normalization=normalization)
-    heatmap_picture(image, maps, names, min(top, model.num_classes)).save(output)
+    heatmap_picture(image, maps, names, top).save(output)
     peaks = maps.reshape(-1, maps.shape[-1]).max(0)
     return [(names[c], float(peaks[c])) for c in np.argsort(-peaks)[:top]]

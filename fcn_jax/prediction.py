@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data.files import read_image
 from fcn_jax.data.folder import IMAGE_SUFFIXES
 from fcn_jax.data.pipeline import EvalBatches
@@ -217,8 +218,11 @@ def run_predict(weights: str, inputs: Sequence[str], output: str, *, overlay: bo
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} is a file; give a folder for the predictions (it is created if missing)")
     paths = expand_inputs(inputs)
-    out.mkdir(parents=True, exist_ok=True)
     path, run = resolve_weights(weights)
+    suffixes = ["_mask.png", *["_overlay.png"] * overlay, *["_index.png"] * index_png, *["_logits.npy"] * save_logits]
+    refuse_overwriting([("an output", out / f"{stem}{suffix}") for stem in output_names(paths) for suffix in suffixes],
+                       [("the weights", path), *[("the input", p) for p in paths]])
+    out.mkdir(parents=True, exist_ok=True)
     meta = read_weights_config(path)  # header only; load_model reads the tensors
     normalization = input_normalization(normalization, run, meta)
     model = load_model(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -58,7 +59,6 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
     if normalization is not None:
         meta["normalization"] = normalization
     tensors = {k: host_array(v[...]) for k, v in flat_variables(model).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -75,6 +75,9 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}  # noqa: SIM118
     except SafetensorError as e:
+        if _is_torch_file(path):
+            raise WeightsError(f"{path} is a PyTorch file, not fcn-jax weights: convert it first with `fcn-jax "
+                               f"convert --input {path} --arch ARCH --output {path.stem}.safetensors`") from e
         raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or not a "
                            f"safetensors file: save or convert it again") from e
     if meta.get("format") != FORMAT:
@@ -99,6 +102,13 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
             except json.JSONDecodeError as e:
                 raise WeightsError(f"{path}: its metadata {key!r} is not JSON ({e}); {damaged}") from None
     return config, tensors
+
+
+def _is_torch_file(path: Path) -> bool:
+    """What ``torch.save`` writes: a zip archive (since PyTorch 1.6) or, before that, a pickle."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def read_weights(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

@@ -26,13 +26,13 @@ map: 0.44 -> 3.6 s; a float64 gradient of FCN16s-paper-VGG11 at 21x26: 0.6 -> 48
 
 from __future__ import annotations
 
-import logging
 import os
+
+from fcn_jax.notes import warn
 
 CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 TESTED_JAXLIB = (0, 10)  # major, minor releases the flag is known to exist in
 
-log = logging.getLogger("fcn_jax")
 
 
 def use_fast_cpu_convolutions() -> bool:
@@ -45,7 +45,7 @@ def use_fast_cpu_convolutions() -> bool:
             or version != TESTED_JAXLIB):
         return False
     if _backends_started():
-        log.warning("JAX's backends already started: %s is not applied; call "
+        warn("JAX's backends already started: %s is not applied; call "
                     "fcn_jax.use_fast_cpu_convolutions() before the first JAX computation", CPU_CONVOLUTION_FLAG)
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_CONVOLUTION_FLAG}".strip()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +11,6 @@ from PIL import Image
 from fcn_jax.data import get_dataset
 from fcn_jax.data.cityscapes import LABEL_TO_TRAIN
 from fcn_jax.data.pipeline import EvalBatches, normalize
-from fcn_jax.drawing import voc_palette
 from fcn_jax.errors import DatasetError
 from tests.helpers import jpg as _jpg
 from tests.helpers import label as _label
@@ -40,6 +39,7 @@ def test_voc_train_aug_and_seg11valid(voc_root):
     np.testing.assert_array_equal(aug[2][1], labels["sbd_d"])  # SBD's .mat otherwise
     valid = get_dataset("voc", "seg11valid", data_dir=str(root))
     assert [p[0].stem for p in valid.pairs] == ["a"]  # VOC2011 val - SBD train
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(aug))[2][1], labels["sbd_d"])  # goes to workers
 
 
 def test_camvid_colour_masks_map_to_indices_once_and_unknown_colours_fail(tmp_path, monkeypatch):
@@ -78,6 +78,7 @@ def test_camvid11_unlabelled_is_ignored(tmp_path):
     ds = get_dataset("camvid11", "val", data_dir=str(tmp_path))
     np.testing.assert_array_equal(ds[0][1], [[0, 5, 255], [10, 255, 3]])
     assert ds.num_classes == 11
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(ds))[0][1], ds[0][1])  # goes to worker processes
 
 
 def test_cityscapes_label_ids_map_to_train_ids(tmp_path):

@@ -104,6 +104,12 @@ def camvid_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> S
                              name=f"CamVid {split}")
 
 
+def decode_camvid11(path: Path) -> np.ndarray:
+    """SegNet's index PNG with "unlabelled" (11) ignored (module level: the dataset goes to worker processes)."""
+    label = read_index_png(path)
+    return np.where(label == 11, 255, label)
+
+
 def camvid11_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> SegmentationFiles:
     root = Path(root)
     if split not in ("train", "val", "test"):
@@ -111,11 +117,6 @@ def camvid11_dataset(root: str | Path, split: str, *, skip_bad: bool = False) ->
     images, masks = root / split, root / f"{split}annot"
     if not images.is_dir() or not masks.is_dir():
         raise DatasetError(f"{root}: expected {split}/ and {split}annot/ (SegNet's CamVid layout). Get it from {WHERE}")
-
-    def decode(path: Path) -> np.ndarray:
-        label = read_index_png(path)
-        return np.where(label == 11, 255, label)  # "unlabelled" is ignored
-
     pairs = [(f, masks / f.name) for f in sorted(images.glob("*.png"))]
-    return SegmentationFiles(pairs, class_names=CAMVID11_CLASSES, palette=CAMVID11_PALETTE, decode=decode,
+    return SegmentationFiles(pairs, class_names=CAMVID11_CLASSES, palette=CAMVID11_PALETTE, decode=decode_camvid11,
                              skip_bad=skip_bad, name=f"CamVid-11 {split}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,22 +13,23 @@ from tqdm.auto import tqdm
 
 from fcn_jax.data.pipeline import check_label
 from fcn_jax.errors import DatasetError
-
-log = logging.getLogger("fcn_jax")
+from fcn_jax.notes import note
 
 
 @contextlib.contextmanager
-def open_image(path: Path, what: str = "image") -> Iterator[Image.Image]:
+def open_image(path: Path, what: str = "image", fix: str | None = None) -> Iterator[Image.Image]:
     """The PIL image at ``path``; a missing or unreadable file (``what``: "image" or "mask") becomes a
-    DatasetError that names it and the fix."""
-    fix = "replace the file, remove it from the split, or" if what == "image" else "replace the file or"
+    DatasetError that names it and the fix (by default a dataset's: replace, remove from the split or skip)."""
+    if fix is None:
+        fix = ("replace the file, remove it from the split, or" if what == "image" else "replace the file or") \
+            + " pass --skip-bad-samples"
     try:
         with Image.open(path) as im:
             yield im
     except FileNotFoundError:
         raise DatasetError(f"{path}: {'mask ' if what == 'mask' else ''}file not found") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise DatasetError(f"{path}: not a readable {what} ({e}); {fix} pass --skip-bad-samples") from None
+        raise DatasetError(f"{path}: not a readable {what} ({e}); {fix}") from None
 
 
 EXIF_ORIENTATION = 0x0112
@@ -40,11 +40,11 @@ def _orientation(im: Image.Image) -> int:
     return im.getexif().get(EXIF_ORIENTATION, 1)
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, fix: str | None = None) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)`` as the image is displayed: its EXIF orientation applied (phone photos store
     pixels turned and say so in a tag). Grey and palette images are converted, alpha is dropped, and 16-bit
     greyscale is scaled to 8 bits (a plain conversion would saturate it)."""
-    with open_image(path) as im:
+    with open_image(path, fix=fix) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):  # I;16 and friends: 16-bit greyscale
             grey = np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8)
@@ -95,7 +95,7 @@ class SegmentationFiles:
                     self.skipped.append((str(pair[0]), str(e)))
             self.pairs = good
             if self.skipped:
-                log.info("%s: skipped %d bad sample(s) of %d", name, len(self.skipped), len(good) + len(self.skipped))
+                note("%s: skipped %d bad sample(s) of %d", name, len(self.skipped), len(good) + len(self.skipped))
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -7,7 +7,10 @@ Augmentation draws from ``rng(seed, epoch, sample)``. So every batch depends onl
 resumed run sees exactly the batches an uninterrupted one would, on any number of processes.
 
 A dataset is any object with ``__len__``, ``__getitem__(i) -> (image uint8 (H, W, 3) RGB, label
-(H, W) ints)``, ``num_classes``, ``class_names``, ``ignore_index`` and ``palette``.
+(H, W) ints)``, ``num_classes``, ``class_names``, ``ignore_index`` and ``palette``. Every sample is checked
+against that contract where it is read (:func:`check_sample`), the same in the main process and in workers:
+float images are refused rather than guessed at (a [0, 1] float image taken as 0..255 would train on
+near-constant inputs); convert them with ``(image * 255).round().astype(np.uint8)``.
 """
 
 from __future__ import annotations
@@ -84,6 +87,29 @@ def check_label(label: np.ndarray, num_classes: int, ignore_index: int, where: s
                          f"{ignore_index}; check the mask files or the dataset's num_classes")
 
 
+def check_sample(image, label, where: str) -> None:
+    """A DatasetError naming the sample when ``(image, label)`` breaks the dataset contract (module doc)."""
+    def problem() -> str | None:
+        for name, value in (("image", image), ("label", label)):
+            if not isinstance(value, np.ndarray):
+                return f"{name} is a {type(value).__name__}; expected a numpy array"
+        if image.dtype != np.uint8:
+            return (f"image is {image.dtype}; expected uint8 RGB (H, W, 3), 0..255 (float images in [0, 1]: "
+                    f"(image * 255).round().astype(np.uint8))")
+        if image.ndim != 3 or image.shape[-1] != 3:
+            return (f"image has shape {image.shape}; expected (H, W, 3) (grey images: "
+                    f"np.repeat(image[..., None], 3, -1))")
+        if label.dtype.kind not in "iu":
+            return f"label is {label.dtype}; expected integers (class indices)"
+        if label.shape != image.shape[:2]:
+            return f"label has shape {label.shape}; expected {image.shape[:2]}, the image's height and width"
+        return None
+
+    found = problem()
+    if found:
+        raise DatasetError(f"{where}: {found}. Datasets return (image uint8 (H, W, 3) RGB, label integer (H, W))")
+
+
 class _ReadByWorkers:
     """What Loader and EvalBatches share: their ``workers`` (:class:`~fcn_jax.data.workers.SampleWorkers`),
     stopped by :meth:`close` or by leaving a ``with`` block."""
@@ -121,6 +147,7 @@ class _TrainBatch:
     def _sample(self, index: int | None, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         ignore = self.dataset.ignore_index
         image, label = self.dataset[index if index is not None else 0]
+        check_sample(image, label, f"sample {index or 0}")
         if self.augment is not None:
             image, label = self.augment(image, label, np.random.default_rng([self.seed, epoch, index or 0]), ignore)
         if index is None:
@@ -268,6 +295,7 @@ class _EvalBatch:
         for row, i in enumerate(indices):
             if i >= 0:
                 image, label = _named_failures(self.dataset.__getitem__, i)
+                check_sample(image, label, f"sample {i}")
                 images[row, :image.shape[0], :image.shape[1]] = normalize(image, self.normalization)
                 labels[row, :label.shape[0], :label.shape[1]] = label
                 sizes[row] = image.shape[:2]

@@ -40,6 +40,11 @@ def read_sbd_mat(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: not an SBD GTcls .mat file ({e}); replace it or pass --skip-bad-samples") from None
 
 
+def decode_mask(path: Path) -> np.ndarray:
+    """A VOC palette PNG or an SBD ``.mat`` (a module-level function: the dataset goes to worker processes)."""
+    return read_sbd_mat(path) if path.suffix == ".mat" else read_index_png(path)
+
+
 def _ids(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"split file {path} not found; expected the layout\n  {__doc__.split('Layout')[1].strip()}\n"
@@ -74,9 +79,5 @@ def voc_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> Segm
         sbd_train = set(_ids(sbd / "train.txt"))
         voc2011_val = root / "VOCdevkit" / "VOC2011" / "ImageSets" / "Segmentation" / "val.txt"
         pairs = [voc_pair(i) for i in _ids(voc2011_val) if i not in sbd_train]
-
-    def decode(path: Path) -> np.ndarray:
-        return read_sbd_mat(path) if path.suffix == ".mat" else read_index_png(path)
-
-    return SegmentationFiles(pairs, class_names=CLASS_NAMES, palette=voc_palette(len(CLASS_NAMES)), decode=decode,
+    return SegmentationFiles(pairs, class_names=CLASS_NAMES, palette=voc_palette(len(CLASS_NAMES)), decode=decode_mask,
                              skip_bad=skip_bad, name=f"VOC {split}")

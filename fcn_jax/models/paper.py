@@ -98,13 +98,15 @@ class Heatmap(nnx.Module):
     takes_dropout_rngs = True
 
     def __init__(self, num_classes: int = 1000, *, backbone: str = "vgg16", batch_norm: bool = False,
-                 dropout: float = 0.5, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
-                 rngs: nnx.Rngs):
+                 dropout: float = 0.5, fc_width: int = 4096, dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision=None, rngs: nnx.Rngs):
+        """``fc_width``: fc6's and fc7's channels, 4096 as torchvision's VGG (narrower: tests)."""
         _check(num_classes, batch_norm, "heatmap")
         self.num_classes = num_classes
-        self.vgg = ConvolutionalizedVGG(backbone, first_padding=1, ceil_mode=False, dropout=dropout, fc_width=4096,
-                                        dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
-        self.fc8 = Conv2d(4096, num_classes, 1, dtype=dtype, param_dtype=param_dtype, precision=precision,
+        self.vgg = ConvolutionalizedVGG(backbone, first_padding=1, ceil_mode=False, dropout=dropout,
+                                        fc_width=fc_width, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                                        rngs=rngs)
+        self.fc8 = Conv2d(fc_width, num_classes, 1, dtype=dtype, param_dtype=param_dtype, precision=precision,
                           rngs=rngs)
 
     @property

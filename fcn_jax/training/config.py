@@ -152,14 +152,14 @@ PRESETS: dict[str, dict] = {
         dataset="camvid", arch="fcns", backbone="vgg16", batch_norm=False,
         loss="bce", optimizer="rmsprop", lr=1e-4, momentum=0.0, weight_decay=1e-5, schedule="step",
         step_epochs=50, gamma=0.5, warmup_steps=0, epochs=500, batch_size=6, crop=(480, 640), hflip=True,
-        normalization="reference", backbone_weights="vgg16.safetensors"),
+        normalization="reference", backbone_weights="{backbone}{bn}.safetensors"),
     # The FCN paper's FCN-8s on PASCAL VOC: SGD, momentum 0.99, weight decay 5e-4, ImageNet VGG16, whole
     # images one at a time; lr 1e-10 per pixel of a summed loss ~ 1.75e-5 for our per-pixel mean.
     "voc-fcn8s": dict(
         dataset="voc", train_split="train_aug", val_split="seg11valid", arch="fcn8s", backbone="vgg16",
         batch_norm=False, loss="cross_entropy", optimizer="sgd",
         lr=1.75e-5, momentum=0.99, weight_decay=5e-4, schedule="constant", warmup_steps=0, epochs=50,
-        batch_size=1, hflip=True, normalization="imagenet", backbone_weights="vgg16.safetensors"),
+        batch_size=1, hflip=True, normalization="imagenet", backbone_weights="{backbone}{bn}.safetensors"),
     # The paper's networks and recipe (README, "The paper's networks"): batch 1 whole images, no augmentation,
     # summed cross-entropy, SGD momentum 0.99, weight decay 5e-4 on weights, biases at 2x lr, frozen
     # upsampling, Caffe's input; ~100k iterations of SBD train. Staged: 16s from a trained 32s, 8s from a 16s.
@@ -167,7 +167,7 @@ PRESETS: dict[str, dict] = {
         dataset="voc", train_split="train_aug", val_split="seg11valid", arch=f"{name}_paper", backbone="vgg16",
         batch_norm=False, loss="cross_entropy_sum", optimizer="sgd", lr=lr, momentum=0.99, weight_decay=5e-4,
         bias_lr_factor=2.0, decay_biases=False, schedule="constant", warmup_steps=0, epochs=12, batch_size=1,
-        hflip=False, normalization="caffe", backbone_weights="vgg16_heatmap.safetensors")
+        hflip=False, normalization="caffe", backbone_weights="{backbone}_heatmap.safetensors")
        for name, lr in (("fcn32s", 1e-10), ("fcn16s", 1e-12), ("fcn8s", 1e-14), ("fcn8s_atonce", 1e-10))},
 }
 
@@ -212,9 +212,17 @@ def explicit_overrides(args: argparse.Namespace) -> dict:
 
 
 def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
+    """The preset with ``overrides``. A preset's ``backbone_weights`` names the file ``fcn-jax convert`` makes for
+    the backbone in use (``{backbone}``, ``{bn}``); a stage started from a whole earlier net (``init_weights``)
+    does not need it."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    return TrainConfig(**{**PRESETS[preset], **overrides})
+    values = {**PRESETS[preset], **overrides}
+    if "backbone_weights" not in overrides and values.get("backbone_weights"):
+        values["backbone_weights"] = None if values.get("init_weights") else values["backbone_weights"].format(
+            backbone=values.get("backbone", TrainConfig.backbone),
+            bn="_bn" if values.get("batch_norm", TrainConfig.batch_norm) else "")
+    return TrainConfig(**values)
 
 
 # The learning rate (e.g. lower after a NaN stop) and how data is fed, which does not change the batches;

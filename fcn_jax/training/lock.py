@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from fcn_jax.errors import RunError
+from fcn_jax.notes import note
 
 LOCK_NAME = ".lock"
-log = logging.getLogger("fcn_jax")
 
 
 def _start_time(pid: int) -> str | None:
@@ -84,11 +83,15 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.replace(self.path, self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}"))
                     self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}").unlink()
-                    log.info("took over the stale lock of process %s on %s (started %s), which no longer runs",
-                             holder.get("pid"), holder.get("host"), holder.get("started"))
+                    note("took over the stale lock of process %s on %s (started %s), which no longer runs",
+                         holder.get("pid"), holder.get("host"), holder.get("started"))
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.owner, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.owner, f)
+            except BaseException:  # a stop request or an error right after taking it: nobody holds it
+                self.path.unlink(missing_ok=True)
+                raise
             return self
         raise RunError(self._in_use(self._holder()))
 

@@ -34,6 +34,7 @@ from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
 from fcn_jax.evaluation import confusion_over
 from fcn_jax.metrics import metrics_table, segmentation_metrics
 from fcn_jax.models import MODELS, PaperFCN, create_model
+from fcn_jax.notes import note
 from fcn_jax.prediction import predict
 from fcn_jax.sharding import host_array, make_mesh, replicate_state
 from fcn_jax.training.checkpoint import RunCheckpoints
@@ -45,7 +46,7 @@ from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.reporting import MetricsLog
 from fcn_jax.training.step import train_step, trainable
 from fcn_jax.training.stopping import StopRequests, TrainingStopped
-from fcn_jax.weights import load_matching, load_weights, read_weights_config, save_weights
+from fcn_jax.weights import flat_variables, load_matching, load_weights, read_weights_config, save_weights
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -64,8 +65,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     """Train as ``config`` says; returns the last validation metrics. With ``resume``, continue the run in
     ``config.run_dir`` from its newest checkpoint that restores (the config must be the run's own; see
     :func:`resume`). Raises :class:`~fcn_jax.training.stopping.TrainingStopped` after a stop request."""
-    with hold_run_folder(config.run_dir):
-        return _train(config, resume, progress)
+    with StopRequests() as stop, hold_run_folder(config.run_dir):
+        return _train(config, resume, progress, stop)
 
 
 def resume(run_dir: str, overrides: dict | None = None, *, progress: bool = True) -> dict:
@@ -73,30 +74,40 @@ def resume(run_dir: str, overrides: dict | None = None, *, progress: bool = True
     (``lr``), anything else must agree with the run's settings."""
     if not Path(run_dir).is_dir():
         raise RunError(f"nothing to resume: {run_dir} does not exist; start without --resume")
-    with hold_run_folder(run_dir):
-        return _train(resume_config(run_dir, overrides or {}), True, progress)
+    with StopRequests() as stop, hold_run_folder(run_dir):
+        return _train(resume_config(run_dir, overrides or {}), True, progress, stop)
 
 
 def _load_init_weights(model, config: TrainConfig) -> None:
-    for target, path, what in ((model, config.init_weights, "--init-weights"),
-                               (model.backbone, config.backbone_weights, "--backbone-weights")):
+    """``--backbone-weights``, then ``--init-weights``: in staged training the previous stage's whole net wins over
+    the ImageNet start it also holds. For the paper's nets each file gives every layer of the same name and
+    shape, and one note says which file each layer came from."""
+    paper = isinstance(model, PaperFCN)
+    source: dict[str, str] = {}  # variable name -> the file it was copied from, the last one winning
+    for target, path, what in ((model.backbone, config.backbone_weights, "--backbone-weights"),
+                               (model, config.init_weights, "--init-weights")):
         if path is None:
             continue
-        paper = isinstance(model, PaperFCN)
-        if not Path(path).is_file():
-            how = (f"--torchvision {config.backbone} --arch heatmap" if paper else
-                   f"--torchvision {config.backbone}{'_bn' if config.batch_norm else ''}")
-            raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
-                              f"`fcn-jax convert {how} --output {path}` (needs internet once), or train without it")
         if not paper or read_weights_config(path)["model"] == "vgg":
             load_weights(target, path)  # a paper net given a bare backbone: fc6 and fc7 keep their random start
             continue
-        # The paper's staged training: every layer with the same name and shape (the trunk of an ImageNet
-        # heatmap file, or FCN-16s from a trained FCN-32s).
-        copied, left = load_matching(model, path)
-        if jax.process_index() == 0:
-            print(f"note: {what} {path}: copied {_layers(copied)}; left at their initial values: "
-                  f"{_layers(left) or 'nothing'}")
+        copied, _ = load_matching(model, path)
+        source.update(dict.fromkeys(copied, f"{path} ({what})"))
+    if source and jax.process_index() == 0:
+        by_file = {f: [k for k, v in source.items() if v == f] for f in dict.fromkeys(source.values())}
+        left = [k for k in flat_variables(model) if k not in source]
+        note("; ".join(f"from {f}: {_layers(names)}" for f, names in by_file.items())
+             + f"; left at their initial values: {_layers(left) or 'nothing'}")
+
+
+def _check_init_files(config: TrainConfig) -> None:
+    """The weights files a run starts from exist (checked before the datasets and workers are set up)."""
+    for path, what in ((config.backbone_weights, "--backbone-weights"), (config.init_weights, "--init-weights")):
+        if path is not None and not Path(path).is_file():
+            how = (f"--torchvision {config.backbone} --arch heatmap" if issubclass(MODELS[config.arch], PaperFCN)
+                   else f"--torchvision {config.backbone}{'_bn' if config.batch_norm else ''}")
+            raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
+                              f"`fcn-jax convert {how} --output {path}` (needs internet once), or train without it")
 
 
 def _layers(names: list[str]) -> str:
@@ -119,7 +130,7 @@ def _remove_half_written(run_dir: Path) -> None:
     for path in leftovers:
         path.unlink()
     if leftovers:
-        print(f"note: removed {len(leftovers)} half-written file(s) of an earlier run: "
+        note(f"removed {len(leftovers)} half-written file(s) of an earlier run: "
               f"{', '.join(p.name for p in leftovers)}")
 
 
@@ -189,7 +200,7 @@ def _writing(path: Path, run_dir: Path, checkpoints: RunCheckpoints | None = Non
             from e
 
 
-def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
+def _train(config: TrainConfig, resume: bool, progress: bool, stop: StopRequests) -> dict:
     run_dir = Path(config.run_dir).absolute()
     is_main = jax.process_index() == 0
     if is_main:
@@ -202,6 +213,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
                        f"--resume or choose another --run-dir")
     if config.batch_size % jax.device_count():
         raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
+    if not resume:  # a resumed run's weights come from its checkpoint
+        _check_init_files(config)
 
     datasets = {role: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
                                   synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
@@ -226,7 +239,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
 
     model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
                          seed=config.seed, dtype=jnp.dtype(config.dtype))
-    _load_init_weights(model, config)
+    if not resume:
+        _load_init_weights(model, config)
     total_steps = config.epochs * len(train_loader)
     schedule = make_schedule(config.schedule, config.lr, total_steps=total_steps, steps_per_epoch=len(train_loader),
                              warmup_steps=config.warmup_steps, step_epochs=config.step_epochs, gamma=config.gamma,
@@ -250,9 +264,9 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
             best, metrics = info["best"], info.get("metrics")
             if is_main:
                 for failed, why in skipped:
-                    print(f"note: skipped checkpoint {failed}, which does not restore ({why}); it is in "
+                    note(f"skipped checkpoint {failed}, which does not restore ({why}); it is in "
                           f"{run_dir / 'damaged_checkpoints'} now")
-                print(f"note: resumed from step {step}")
+                note(f"resumed from step {step}")
         if is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / runs.CONFIG).write_text(config.to_json())
@@ -296,60 +310,60 @@ def _train(config: TrainConfig, resume: bool, progress: bool) -> dict:
             return TrainingStopped(f"stopped at step {step} ({where}) on {stop.reason}: wrote the checkpoint of step "
                                    f"{step} to {run_dir / 'checkpoints'}. Resume with: {again}")
 
-        with StopRequests() as stop:
-            while train_loader.epoch < config.epochs:
-                data_states = collections.deque()  # the loader's state after each batch, in step with the batches
-                for batch in prefetch_to_devices(_recording_states(train_loader, data_states), mesh,
-                                                 config.device_prefetch):
-                    data_state = data_states.popleft()
-                    meter.add(train_step(model, optimizer, batch["image"], batch["label"], loss_fn,
-                                         config.normalization, config.seed))
-                    step += 1
-                    bar.update(1)
-                    end_of_epoch = data_state["batch"] == len(train_loader)
-                    log_now = step % config.log_every_steps == 0 or step == total_steps
-                    checkpoint_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                                      and not end_of_epoch)
-                    stop_now = stop.requested(step) and not end_of_epoch
-                    if not (log_now or checkpoint_now or stop_now or end_of_epoch):
-                        continue  # the host waits for the devices only at these points
-                    seen = meter.fetch()
-                    if seen.first_bad_step is not None:
-                        raise diverged(f"the loss became {seen.loss if step == seen.first_bad_step else 'NaN'}",
-                                       seen.first_bad_step)
-                    if log_now:
-                        now = time.perf_counter()
-                        rate = (step - last_step) * config.batch_size / (now - last_time)
-                        last_time, last_step = now, step
-                        bar.set_postfix(loss=f"{seen.loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
-                        if reports:
-                            epochs = data_state["epoch"] + data_state["batch"] / len(train_loader)
-                            reports.write("train", step, {"loss": seen.loss, "lr": float(schedule(step)),
-                                                          "images_per_s": rate, "epoch": epochs})
-                    if checkpoint_now:
-                        save(data_state)
-                    if stop_now:
-                        raise stopped(data_state)
-                epoch = train_loader.epoch
-                if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-                    conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
-                    metrics = segmentation_metrics(conf, class_names)
-                    improved = metrics["mean_iou"] > best["mean_iou"]
-                    if improved:
-                        best = {"mean_iou": metrics["mean_iou"], "step": step}
-                    bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU "
-                              f"{metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}")
+        stop.steps_begin()
+        while train_loader.epoch < config.epochs:
+            data_states = collections.deque()  # the loader's state after each batch, in step with the batches
+            for batch in prefetch_to_devices(_recording_states(train_loader, data_states), mesh,
+                                             config.device_prefetch):
+                data_state = data_states.popleft()
+                meter.add(train_step(model, optimizer, batch["image"], batch["label"], loss_fn,
+                                     config.normalization, config.seed))
+                step += 1
+                bar.update(1)
+                end_of_epoch = data_state["batch"] == len(train_loader)
+                log_now = step % config.log_every_steps == 0 or step == total_steps
+                checkpoint_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+                                  and not end_of_epoch)
+                stop_now = stop.requested(step) and not end_of_epoch
+                if not (log_now or checkpoint_now or stop_now or end_of_epoch):
+                    continue  # the host waits for the devices only at these points
+                seen = meter.fetch()
+                if seen.first_bad_step is not None:
+                    raise diverged(f"the loss became {seen.loss if step == seen.first_bad_step else 'NaN'}",
+                                   seen.first_bad_step)
+                if log_now:
+                    now = time.perf_counter()
+                    rate = (step - last_step) * config.batch_size / (now - last_time)
+                    last_time, last_step = now, step
+                    bar.set_postfix(loss=f"{seen.loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
                     if reports:
-                        reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
-                                                    **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
-                    save(train_loader.state(), {"mean_iou": metrics["mean_iou"]})
-                    if improved and is_main:
-                        with _writing(run_dir / runs.BEST_WEIGHTS, run_dir, checkpoints):
-                            save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
-                else:
-                    save(train_loader.state())
-                if stop.requested(step) and train_loader.epoch < config.epochs:
-                    raise stopped(train_loader.state())
+                        epochs = data_state["epoch"] + data_state["batch"] / len(train_loader)
+                        reports.write("train", step, {"loss": seen.loss, "lr": float(schedule(step)),
+                                                      "images_per_s": rate, "epoch": epochs})
+                if checkpoint_now:
+                    save(data_state)
+                if stop_now:
+                    raise stopped(data_state)
+            epoch = train_loader.epoch
+            if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+                conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
+                metrics = segmentation_metrics(conf, class_names)
+                improved = metrics["mean_iou"] > best["mean_iou"]
+                if improved:
+                    best = {"mean_iou": metrics["mean_iou"], "step": step}
+                bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU "
+                          f"{metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}")
+                if reports:
+                    reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
+                                                **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
+                save(train_loader.state(), {"mean_iou": metrics["mean_iou"]})
+                if improved and is_main:
+                    with _writing(run_dir / runs.BEST_WEIGHTS, run_dir, checkpoints):
+                        save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
+            else:
+                save(train_loader.state())
+            if stop.requested(step) and train_loader.epoch < config.epochs:
+                raise stopped(train_loader.state())
         bar.close()
         with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
             checkpoints.wait()
