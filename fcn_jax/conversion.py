@@ -226,7 +226,7 @@ def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
 
 
 def _config_hints(found: dict, model) -> list[str]:
-    backbone = model.backbone if isinstance(model, FCN) else model
+    backbone = model if isinstance(model, VGGBackbone) else model.backbone  # every whole net has one
     hints = []
     if found["batch_norm"] != backbone.batch_norm:
         hints.append(
@@ -237,6 +237,10 @@ def _config_hints(found: dict, model) -> list[str]:
     if found["backbone"] and found["backbone"] != backbone.name:
         hints.append(f"the state_dict's backbone has the conv layers of {found['backbone']}: build the "
                      f"model with backbone={found['backbone']!r}")
+    arch = getattr(model, "arch", None)
+    if found.get("arch") and arch and arch not in found["arch"]:
+        hints.append(f"the state_dict holds the layers of {found['arch']}: convert it as that (--arch "
+                     f"{found['arch'].split()[0]}); to start {arch} from it, train with --init-weights on the result")
     if hasattr(model, "num_classes") and found.get("num_classes", model.num_classes) != model.num_classes:
         hints.append(f"the state_dict's classifier has {found['num_classes']} classes: build the model "
                      f"with num_classes={found['num_classes']}")

@@ -11,7 +11,8 @@ Inputs and outputs (eval mode; dropout and BatchNorm statistics as in ``model.ev
 - plain: ``images`` float32 ``(N, 3, H, W)`` (NCHW, normalised as for training) -> ``logits`` float32
   ``(N, num_classes, H, W)`` (the heatmap: ``(N, 1000, H // 32 - 6, W // 32 - 6)``, ``H, W >= 224``);
 - with preprocessing: ``images`` uint8 ``(N, H, W, 3)`` RGB, as decoded -> ``classes`` int64 ``(N, H, W)``
-  (and ``scores``, float32 ``(N, num_classes, H, W)`` softmax probabilities, if asked). The normalisation is
+  (and ``scores``, float32 ``(N, H, W, num_classes)`` softmax probabilities, if asked: channels last like the
+  input and the classes, and like the StableHLO export). The normalisation is
   the exact per-channel table training uses (:func:`fcn_jax.device_input.normalization_table`).
 """
 
@@ -190,8 +191,10 @@ def onnx_model(model, *, with_preprocessing: bool = False, normalization: str = 
         outputs = [helper.make_tensor_value_info(g.op("ArgMax", [logits], "classes", axis=1, keepdims=0),
                                                  TensorProto.INT64, ["batch", "height", "width"])]
         if scores:
-            outputs.append(helper.make_tensor_value_info(g.op("Softmax", [logits], "scores", axis=1),
-                                                         TensorProto.FLOAT, ["batch", classes, "height", "width"]))
+            probabilities = g.op("Softmax", [logits], "probabilities", axis=1)
+            outputs.append(helper.make_tensor_value_info(g.op("Transpose", [probabilities], "scores",
+                                                              perm=[0, 2, 3, 1]),
+                                                         TensorProto.FLOAT, ["batch", "height", "width", classes]))
     else:
         out_hw = ["out_height", "out_width"] if isinstance(model, Heatmap) else ["height", "width"]
         outputs = [helper.make_tensor_value_info(g.op("Identity", [logits], "logits"), TensorProto.FLOAT,

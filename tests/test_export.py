@@ -112,8 +112,7 @@ def test_preprocessing_takes_uint8_rgb_and_returns_the_class_ids_of_the_model(fm
     if fmt == "onnx":
         import onnxruntime
 
-        classes, scores = onnxruntime.InferenceSession(data).run(None, {"images": pixels})
-        scores = scores.transpose(0, 2, 3, 1)
+        classes, scores = onnxruntime.InferenceSession(data).run(None, {"images": pixels})  # scores NHWC too
     else:
         classes, scores = jax.export.deserialize(bytearray(data)).call(pixels)
     with jax.default_matmul_precision("highest"):

@@ -352,12 +352,16 @@ def test_a_shared_memory_mount_too_small_for_a_batch_is_named_with_the_fix(monke
 
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    fallocate = os.posix_fallocate
 
-    monkeypatch.setattr(os, "posix_fallocate", full)
-    with pytest.raises(DatasetError) as raised:
-        workers._to_shared({"image": np.zeros((4, 64, 64, 3), np.float32)})
+    def room_for_the_labels_only(fd, offset, length):
+        if length > 1 << 17:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", room_for_the_labels_only)
+    with pytest.raises(DatasetError) as raised:  # the labels' block is made, then the images' does not fit
+        workers._to_shared({"label": np.zeros((4, 64, 64), np.int32), "image": np.zeros((4, 64, 64, 3), np.float32)})
     message = str(raised.value)
     assert "/dev/shm" in message and "--workers 0" in message and "--shm-size" in message
     if os.path.isdir("/dev/shm"):

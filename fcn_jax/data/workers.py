@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import contextlib
 import ctypes
+import errno
 import itertools
 import mmap
 import multiprocessing
@@ -79,17 +80,49 @@ _SHARED_FROM = 1 << 16  # bytes: smaller arrays travel through the pipe
 
 def _to_shared(value):
     """``value`` with its large numpy arrays (in dicts, tuples and lists) moved to shared memory: the result pipe
-    then carries names, not megabytes (a 6 MB batch through a 64 KB pipe idles the worker ~20 ms)."""
+    then carries names, not megabytes (a 6 MB batch through a 64 KB pipe idles the worker ~20 ms). When one
+    array cannot be moved, the blocks made for the others are freed before the error goes on."""
+    moved: list[SharedArray] = []
+    try:
+        return _moved_to_shared(value, moved)
+    except BaseException:
+        _from_shared(moved, keep=False)
+        raise
+
+
+def _moved_to_shared(value, moved: list):
     if isinstance(value, np.ndarray) and value.nbytes >= _SHARED_FROM:
-        block = shared_memory.SharedMemory(create=True, size=value.nbytes)
+        block = _shared_block(value.nbytes)
         np.ndarray(value.shape, value.dtype, buffer=block.buf)[...] = value
         block.close()
-        return SharedArray(block.name, value.shape, value.dtype.str)
+        moved.append(SharedArray(block.name, value.shape, value.dtype.str))
+        return moved[-1]
     if isinstance(value, dict):
-        return {k: _to_shared(v) for k, v in value.items()}
+        return {k: _moved_to_shared(v, moved) for k, v in value.items()}
     if isinstance(value, (tuple, list)) and not isinstance(value, SharedArray):
-        return type(value)(_to_shared(v) for v in value)
+        return type(value)(_moved_to_shared(v, moved) for v in value)
     return value
+
+
+def _shared_block(size: int) -> shared_memory.SharedMemory:
+    """A new shared-memory block of ``size`` bytes, its memory reserved now: a mount too small for it (a
+    container's /dev/shm is 64 MiB by default) is a clear error here, not a worker killed by SIGBUS when it
+    writes the batch."""
+    block = shared_memory.SharedMemory(create=True, size=size)
+    fd = getattr(block, "_fd", -1)
+    try:
+        if fd >= 0 and hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        block.close()
+        block.unlink()
+        if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        raise DatasetError(f"the shared memory for passing batches between processes is full: a batch needs "
+                           f"{size / 2**20:.1f} MiB more than /dev/shm has free. Load in the main process with "
+                           f"--workers 0 (workers=0), use fewer workers or smaller batches, or give /dev/shm more "
+                           f"space (Docker: --shm-size=2g; Kubernetes: an emptyDir with medium Memory)") from None
+    return block
 
 
 def _from_shared(value, keep: bool = True):
