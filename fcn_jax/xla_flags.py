@@ -34,7 +34,6 @@ CPU_CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convo
 TESTED_JAXLIB = (0, 10)  # major, minor releases the flag is known to exist in
 
 
-
 def use_fast_cpu_convolutions() -> bool:
     """Add :data:`CPU_CONVOLUTION_FLAG` to ``XLA_FLAGS`` where the module docstring allows it; True if added."""
     import jaxlib

@@ -118,7 +118,6 @@ def test_no_library_file_is_over_400_lines():
     assert not long, long
 
 
-
 def test_the_command_lines_choices_are_what_the_library_implements():
     from fcn_jax import choices
     from fcn_jax.models import CFGS, MODELS

@@ -31,7 +31,6 @@ def matrix(fast: tuple):
             for m in MODELS]
 
 
-
 EVAL_RTOL, TRAIN_RTOL, STATS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-8
 
 

@@ -138,6 +138,7 @@ def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(tmp_path
     assert "no checkpoint in" in result.stderr and "could be restored" in result.stderr
     assert "checkpoint 4: OUT_OF_RANGE" in result.stderr and "checkpoint 3: OUT_OF_RANGE" in result.stderr
 
+
 def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
     import errno
 

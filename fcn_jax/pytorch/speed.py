@@ -50,7 +50,6 @@ class Timing:
     step_system_ms: float | None = None
 
 
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -197,7 +196,6 @@ def measure_speed(model, twin, images: np.ndarray, labels: np.ndarray, *, repeat
     return timings, flops
 
 
-
 def speed_ratios(timings: dict[str, Timing]) -> dict[str, float]:
     """JAX time / PyTorch eager time, forward and step."""
     j, t = timings["jax"], timings["torch"]
@@ -243,7 +241,6 @@ def format_speed(timings: dict[str, Timing], flops: dict[str, float], batch_size
         lines.append("  many page faults per step: the allocator returns memory to the OS and faults it in again; "
                      "on Linux see the README's 'CPU tip: keep freed memory' (GLIBC_TUNABLES)")
     return lines
-
 
 
 class ProgressBar(contextlib.AbstractContextManager):
