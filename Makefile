@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: setup setup-dev train test test-fast lint demo clean
+.PHONY: setup setup-dev train test test-fast test-exhaustive lint demo clean
 
 setup: $(VENV)/.core
 setup-dev: $(VENV)/.dev
@@ -28,14 +28,18 @@ $(VENV)/.dev: $(VENV)/.core
 train: $(VENV)/.core
 	$(VENV)/bin/fcn-jax train --run-dir runs/fcn-$$(date +%Y%m%d-%H%M%S)
 
-# What CI runs: the linter, then every test, on two worker processes (pytest-xdist; most of a test's time is
-# single-threaded XLA compilation, so two workers overlap well on two cores).
+# What CI runs: the linter, then the suite but the exhaustive matrices, on two worker processes (pytest-xdist;
+# most of a test's time is single-threaded XLA compilation, so two workers overlap well on two cores).
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 -m "not exhaustive"
 
-# Everything but the tests marked slow (model matrices, end-to-end training, multi-process, kill/resume).
+# The quick tier: everything but the tests marked slow or exhaustive.
 test-fast: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow and not exhaustive"
+
+# The full matrices (every arch x depth x BatchNorm, the ConvTranspose grid, every paper head x depth): on demand.
+test-exhaustive: $(VENV)/.dev
+	$(PY) -m pytest -q -n 2 -m exhaustive
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

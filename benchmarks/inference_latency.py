@@ -26,7 +26,8 @@ import onnxruntime
 import torch
 
 import fcn_jax
-from fcn_jax.deploy import export
+from fcn_jax import registry
+from fcn_jax.deploy.exporting import export
 from fcn_jax.models.fcn import STRIDE
 from fcn_jax.pytorch.parity import torch_twin
 from fcn_jax.training.config import parse_size
@@ -34,7 +35,7 @@ from fcn_jax.training.config import parse_size
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="fcn8s", choices=fcn_jax.ARCHS[:4])
+    p.add_argument("--arch", default="fcn8s", choices=registry.archs(family="tutorial"))
     p.add_argument("--backbone", default="vgg16")
     p.add_argument("--sizes", default="224x224,375x500", help="comma-separated HxW")
     p.add_argument("--repeats", type=int, default=10)

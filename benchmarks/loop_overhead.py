@@ -26,8 +26,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fcn_jax.device_input import prefetch_to_devices
-from fcn_jax.sharding import make_mesh, replicate_state
+from fcn_jax.devices import make_mesh, prefetch_to_devices, replicate_state
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.meter import LossMeter
 from fcn_jax.training.step import _train_step, train_step

@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fcn_jax.choices import TUTORIAL_ARCHS as ARCHS
+from fcn_jax import registry
 from fcn_jax.models import BACKBONES
 from fcn_jax.pytorch.compare import build_pair, environment, make_batch
 from fcn_jax.pytorch.speed import measure_speed
 from fcn_jax.training.config import parse_size
+
+ARCHS = registry.archs(family="tutorial")
 
 FRAMEWORK_NAMES = {"jax": "JAX", "torch": "PyTorch", "torch.compile": "torch.compile"}
 

@@ -12,14 +12,15 @@ import importlib
 __version__ = "0.1.0"
 
 _HOMES = {
-    "fcn_jax.deploy": ("export",),
-    "fcn_jax.conversion": ("infer_config", "load_torch_state_dict", "read_torch_state_dict", "to_torch_state_dict"),
-    "fcn_jax.errors": ("ConfigError", "DatasetError", "FcnJaxError", "InputError", "MissingExtraError", "OutputError",
-                       "RunError", "TrainingDiverged", "WeightsError"),
+    "fcn_jax.deploy.exporting": ("export",),
+    "fcn_jax.weights.torch_layout": ("infer_config", "load_torch_state_dict", "read_torch_state_dict",
+                                     "to_torch_state_dict"),
+    "fcn_jax.errors": ("ConfigError", "DatasetError", "FcnJaxError", "InputError", "MissingExtraError",
+                       "OutputError", "RunError", "TrainingDiverged", "WeightsError"),
     "fcn_jax.models": ("ARCHS", "BACKBONES", "FCN", "VGGBackbone", "create_model"),
-    "fcn_jax.prediction": ("predict",),
-    "fcn_jax.parameter_table": ("summary",),
-    "fcn_jax.weights": ("load_model", "load_weights", "save_weights"),
+    "fcn_jax.inference.prediction": ("predict",),
+    "fcn_jax.models.summary": ("summary",),
+    "fcn_jax.weights.native": ("load_model", "load_weights", "save_weights"),
     "fcn_jax.xla_flags": ("use_fast_cpu_convolutions",),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}

@@ -10,8 +10,8 @@ import argparse
 import contextlib
 import sys
 
-from fcn_jax import extras
-from fcn_jax.choices import ARCHS, BACKBONES, EXPORT_FORMATS, NORMALIZATIONS, SEGMENTERS
+from fcn_jax import extras, registry
+from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
 from fcn_jax.data import DATASETS
 from fcn_jax.errors import ConfigError, FcnJaxError
 from fcn_jax.training.config import add_config_arguments, parse_size
@@ -19,7 +19,7 @@ from fcn_jax.xla_flags import use_fast_cpu_convolutions
 
 
 def _cmd_convert(args) -> int:
-    from fcn_jax.convert_checkpoint import TOLERANCE, convert_checkpoint
+    from fcn_jax.weights.convert import TOLERANCE, convert_checkpoint
 
     result = convert_checkpoint(output=args.output, input=args.input, torchvision=args.torchvision,
                                 arch=args.arch, num_classes=args.num_classes, backbone=args.backbone,
@@ -64,7 +64,7 @@ def _run_training(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from fcn_jax.evaluation import run_evaluate
+    from fcn_jax.inference.evaluation import run_evaluate
 
     run_evaluate(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                  batch_size=args.batch_size, normalization=args.normalization, output=args.output,
@@ -73,7 +73,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from fcn_jax.prediction import run_predict
+    from fcn_jax.inference.prediction import run_predict
 
     run_predict(args.weights, args.inputs, args.output, overlay=args.overlay, index_png=args.index_png,
                 save_logits=args.logits, normalization=args.normalization, batch_size=args.batch_size,
@@ -83,7 +83,7 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_heatmap(args) -> int:
-    from fcn_jax.heatmaps import run_heatmap
+    from fcn_jax.inference.heatmaps import run_heatmap
 
     for name, peak in run_heatmap(args.weights, args.image, args.output, top=args.top,
                                   normalization=args.normalization):
@@ -93,7 +93,7 @@ def _cmd_heatmap(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from fcn_jax.deploy import export_file
+    from fcn_jax.deploy.exporting import export_file
 
     result = export_file(args.weights, format=args.format, output=args.output,
                          with_preprocessing=args.with_preprocessing, scores=args.scores,
@@ -109,8 +109,8 @@ def _cmd_summary(args) -> int:
     from flax import nnx
 
     from fcn_jax.models import create_model
-    from fcn_jax.parameter_table import summary
-    from fcn_jax.weights import load_model
+    from fcn_jax.models.summary import summary
+    from fcn_jax.weights.native import load_model
 
     if args.weights:
         model = load_model(args.weights)
@@ -145,10 +145,7 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
                    help="processes that read the images (default: one per core but one, at most 16; 0: this one)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fcn-jax", description="Fully Convolutional Networks in JAX/Flax NNX.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert PyTorch weights to fcn-jax .safetensors (or back to .pth)",
                        description="Convert a PyTorch FCN or torchvision VGG state_dict to an fcn-jax "
                                    ".safetensors file, or an fcn-jax file to a PyTorch .pth.")
@@ -159,10 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fetch torchvision's ImageNet weights: vgg11..vgg19, optionally _bn (needs internet "
                           "or torch hub's cache)")
     p.add_argument("--output", required=True, help="the .safetensors (or .pth) file to write")
-    p.add_argument("--arch", choices=ARCHS, help="FCN variant; required for a whole FCN checkpoint, and "
+    p.add_argument("--arch", choices=registry.archs(), help="FCN variant; required for a whole FCN checkpoint, and "
                                                  "with a bare VGG builds an FCN around it")
     p.add_argument("--num-classes", type=int, help="default: read from the checkpoint's classifier")
-    p.add_argument("--backbone", choices=BACKBONES, help="default: read from the weights")
+    p.add_argument("--backbone", choices=registry.backbones(), help="default: read from the weights")
     p.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="default: read from the weights")
     p.add_argument("--seed", type=int, default=0, help="init seed of a new decoder and the verify batch")
@@ -171,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-size", type=parse_size, default=(224, 224), metavar="HxW")
     p.set_defaults(func=_cmd_convert)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train an FCN (default: the built-in synthetic dataset, a few minutes on CPU)",
                        description="Train an FCN. With no arguments: FCNs-VGG11-BN on the built-in synthetic "
                                    "dataset. Every setting below overrides the --preset.")
@@ -185,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="the FCN metrics of weights on a dataset split",
                        description="Pixel accuracy, mean accuracy, mean IoU, frequency-weighted IoU and per-class "
                                    "IoU over a whole split, whole images at their own sizes.")
@@ -201,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_options(p)
     p.set_defaults(func=_cmd_evaluate)
 
+
+def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="segment images: colour masks, overlays, index PNGs, logits",
                        description="Segment images of any size with fcn-jax weights.")
     p.add_argument("weights", help="an fcn-jax .safetensors, or a training run directory (its best weights)")
@@ -217,16 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch_options(p)
     p.set_defaults(func=_cmd_predict)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="the same FCN in PyTorch and JAX: differences and speed",
                        description="Build the PyTorch reference and the JAX model with the same weights, feed "
                                    "both the same batch, and print the max abs/relative error of x1..x5, the "
                                    "logits (eval and train mode), the loss, gradients, BatchNorm statistics and "
                                    "parameters after one SGD step, then forward and training-step speed. Exits 1 "
                                    "when a difference is over its tolerance.")
-    p.add_argument("--arch", choices=SEGMENTERS, default="fcn8s",
+    p.add_argument("--arch", choices=registry.archs(segmenters=True), default="fcn8s",
                    help="any segmentation net; the paper's are compared with dropout off in train mode (the "
                         "frameworks' random masks cannot agree)")
-    p.add_argument("--backbone", choices=BACKBONES, default="vgg16")
+    p.add_argument("--backbone", choices=registry.backbones(), default="vgg16")
     p.add_argument("--batch-norm", action="store_true", help="the _bn backbone")
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--batch-size", type=int, default=2)
@@ -247,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
+
+def _add_heatmap(sub) -> None:
     p = sub.add_parser("heatmap", help="where the convolutionalized ImageNet classifier sees its top classes",
                        description="Score ImageNet's classes at every 32-pixel step of an image (at least 224x224) "
                                    "with the heatmap model and draw the top classes' probability maps over it.")
@@ -258,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="imagenet for torchvision's weights")
     p.set_defaults(func=_cmd_heatmap)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write a model as ONNX or serialized StableHLO, checked in its runtime",
                        description="Export an fcn-jax weights file for deployment, then run the file in its own "
                                    "runtime (onnxruntime / deserialised JAX) on random batches at two sizes and "
@@ -277,14 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="write without running the file (not recommended)")
     p.set_defaults(func=_cmd_export)
 
+
+def _add_summary(sub) -> None:
     p = sub.add_parser("summary", help="print every parameter's name, shape and count",
                        description="Print the parameter table of a model (like the reference's show_params).")
     p.add_argument("--weights", help="an fcn-jax .safetensors file (overrides the architecture flags)")
-    p.add_argument("--arch", choices=ARCHS, default="fcn8s")
-    p.add_argument("--backbone", choices=BACKBONES, default="vgg16")
+    p.add_argument("--arch", choices=registry.archs(), default="fcn8s")
+    p.add_argument("--backbone", choices=registry.backbones(), default="vgg16")
     p.add_argument("--batch-norm", action="store_true")
     p.add_argument("--num-classes", type=int, default=21)
     p.set_defaults(func=_cmd_summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fcn-jax", description="Fully Convolutional Networks in JAX/Flax NNX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_compare(sub)
+    _add_heatmap(sub)
+    _add_export(sub)
+    _add_summary(sub)
     return parser
 
 

@@ -83,6 +83,18 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def check_keys(target: str, expected: Mapping[str, tuple], found: Mapping[str, tuple], hints: Sequence[str] = (),
+               *, strict: bool = True) -> None:
+    """One WeightsError listing every missing, unexpected (with ``strict``) and mis-shaped key when the
+    ``found`` shapes (``{key: shape}``) do not fit the ``expected`` ones; nothing when they do."""
+    missing = [(k, shape) for k, shape in expected.items() if k not in found]
+    unexpected = [(k, shape) for k, shape in found.items() if k not in expected] if strict else []
+    misshaped = [(k, shape, tuple(found[k])) for k, shape in expected.items()
+                 if k in found and tuple(found[k]) != tuple(shape)]
+    if missing or unexpected or misshaped:
+        raise WeightsError(key_problems_message(target, missing, unexpected, misshaped, hints))
+
+
 def key_problems_message(target: str, missing: Sequence[tuple[str, tuple]],
                          unexpected: Sequence[tuple[str, tuple]],
                          misshaped: Sequence[tuple[str, tuple, tuple]], hints: Sequence[str]) -> str:

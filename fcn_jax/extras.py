@@ -24,10 +24,11 @@ def pytorch(module: str, needed_for: str) -> ModuleType:
 
 
 def onnx(needed_for: str) -> ModuleType:
-    """:mod:`fcn_jax.onnx_export`; a :class:`MissingExtraError` naming ``needed_for`` where onnx or onnxruntime (the
-    ``onnx`` extra: the graph is checked, and verified in onnxruntime, as it is written) is not installed."""
+    """:mod:`fcn_jax.deploy.onnx_graph`; a :class:`MissingExtraError` naming ``needed_for`` where onnx or
+    onnxruntime (the ``onnx`` extra: the graph is checked, and verified in onnxruntime, as it is written) is not
+    installed."""
     _require(("onnx", "onnxruntime"), "onnx", needed_for)
-    return importlib.import_module("fcn_jax.onnx_export")
+    return importlib.import_module("fcn_jax.deploy.onnx_graph")
 
 
 def _require(packages: tuple[str, ...], extra: str, needed_for: str) -> None:

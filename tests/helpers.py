@@ -79,7 +79,7 @@ def jpg(path: Path, h=20, w=30, seed=0):
 
 
 def palette_png(path: Path, mask: np.ndarray):
-    from fcn_jax.drawing import voc_palette
+    from fcn_jax.data.palettes import voc_palette
 
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(mask.astype(np.uint8), mode="P")

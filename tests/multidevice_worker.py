@@ -19,11 +19,11 @@ from flax import nnx
 def run(out: str, num_devices: int) -> None:
     import fcn_jax
     from fcn_jax.data import Loader, SyntheticShapes
-    from fcn_jax.sharding import host_array, make_mesh, replicate_state, shard_batch
+    from fcn_jax.devices import host_array, make_mesh, replicate_state, shard_batch
     from fcn_jax.training.losses import cross_entropy
     from fcn_jax.training.optim import make_optimizer
     from fcn_jax.training.step import train_step
-    from fcn_jax.weights import flat_variables
+    from fcn_jax.weights.native import flat_variables
 
     # float64 (JAX_ENABLE_X64=1): reduction order differs between device counts, and float32 rounding
     # in VGG's backward would hide what the test is after, a different computation.

@@ -6,12 +6,21 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+
+from fcn_jax.errors import ConfigError, WeightsError
+from fcn_jax.models import Segmenter
+from fcn_jax.models.layers import Conv2d
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fcn_jax"
 TORCH_SUBPACKAGE = "fcn_jax.pytorch"
 DOOR = "fcn_jax.extras"  # the one core module that reaches the torch subpackage
 MAX_LINES = 400
+MAX_FUNCTION_LINES = 80
 
 
 def _module_name(path: Path) -> str:
@@ -107,10 +116,13 @@ def _reachable(start: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("module", ["fcn_jax.prediction", "fcn_jax.evaluation"])
-def test_inference_does_not_depend_on_training(module):
-    training = sorted(m for m in _reachable(module) if m.startswith("fcn_jax.training"))
-    assert not training, f"{module} reaches {training}"
+@pytest.mark.parametrize("package,must_not_reach", [("fcn_jax.inference", "fcn_jax.training"),
+                                                    ("fcn_jax.models", "fcn_jax.weights"),
+                                                    ("fcn_jax.data", "fcn_jax.models")])
+def test_a_package_does_not_depend_on_a_later_one(package, must_not_reach):
+    modules = [m for m in MODULES if m == package or m.startswith(package + ".")]
+    reached = sorted({f"{m} -> {r}" for m in modules for r in _reachable(m) if r.startswith(must_not_reach)})
+    assert modules and not reached, reached
 
 
 def test_no_library_file_is_over_400_lines():
@@ -118,12 +130,21 @@ def test_no_library_file_is_over_400_lines():
     assert not long, long
 
 
+def test_no_library_function_is_over_80_lines():
+    long = {f"{name}.{node.name}": node.end_lineno - node.lineno + 1 for name in MODULES
+            for node in ast.walk(_tree(name)) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES}
+    assert not long, long
+
+
 def test_the_command_lines_choices_are_what_the_library_implements():
-    from fcn_jax import choices
+    from fcn_jax import choices, registry
     from fcn_jax.models import CFGS, MODELS
     from fcn_jax.training import losses, optim
 
-    assert tuple(MODELS) == choices.ARCHS and tuple(CFGS) == choices.BACKBONES
+    assert tuple(MODELS) == registry.archs() and tuple(CFGS) == registry.backbones()
+    for arch in registry.archs():
+        assert MODELS[arch].arch == arch and MODELS[arch].family == registry.family_of(arch).name
     for name in choices.LOSSES:
         losses.get_loss(name)
     for name in choices.OPTIMIZERS:
@@ -138,3 +159,106 @@ def test_the_packages_names_are_not_hidden_by_a_module_of_the_same_name():
 
     modules = {p.stem for p in PACKAGE.iterdir()}
     assert not modules & set(fcn_jax.__all__)
+
+
+# --- a family added with no edit anywhere else: one models class, one torch layout, one registry entry ----------
+
+
+class _TinyBackbone(nnx.Module):
+    def __init__(self, width: int, *, dtype, param_dtype, precision, rngs: nnx.Rngs):
+        self.name, self.batch_norm = "tiny", False
+        self.conv = Conv2d(3, width, 3, padding=1, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+
+
+class _TinySegmenter(Segmenter):
+    """A 3x3 convolution, ReLU and a 1x1 classifier: logits at the input's size."""
+
+    arch, family = "tiny", "tiny_family"
+
+    def __init__(self, num_classes: int, *, backbone: str = "tiny", batch_norm: bool = False, width: int = 4,
+                 dtype=jnp.float32, param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.num_classes, self.width = num_classes, width
+        self.backbone = _TinyBackbone(width, **kw)
+        self.head = Conv2d(width, num_classes, 1, **kw)
+
+    def config(self) -> dict:
+        return {**super().config(), "width": self.width}
+
+    def __call__(self, images):
+        return self.head(jax.nn.relu(self.backbone.conv(images)))
+
+
+class _TinyLayout:
+    """The family's torch layout: ``features.conv.*`` and ``head.*``."""
+
+    @staticmethod
+    def layer_table(model):
+        from fcn_jax.weights.torch_layout import Layer
+
+        return [Layer("features.conv", ("backbone", "conv"), "conv"), Layer("head", ("head",), "conv")]
+
+    @staticmethod
+    def recognize(sd):
+        if "head.weight" not in sd:
+            return None
+        return {"layout": "tiny", "backbone": "tiny", "batch_norm": False, "num_classes": sd["head.weight"].shape[0]}
+
+    @staticmethod
+    def adapt(model, sd, found):
+        if found["layout"] != "tiny":
+            raise WeightsError(f"not a tiny state_dict ({found['layout']})")
+        return sd, [], [], None
+
+
+@pytest.fixture
+def tiny_family():
+    from fcn_jax import registry
+
+    registry.register(registry.Family("tiny_family", "a family defined in a test", {"tiny": _TinySegmenter},
+                                      ("tiny",), _TinyLayout))
+    yield
+    registry.unregister("tiny_family")
+
+
+def test_a_family_registered_in_a_test_goes_through_every_path(tiny_family, tmp_path, capsys):
+    import fcn_jax
+    from fcn_jax.cli import main
+    from fcn_jax.deploy.exporting import export, verify
+    from fcn_jax.inference.evaluation import evaluate_model
+    from tests.helpers import TinyDataset
+
+    model = fcn_jax.create_model("tiny", num_classes=3, backbone="tiny", width=5, seed=0)
+    images = jax.random.normal(jax.random.key(0), (2, 9, 11, 3))
+    assert isinstance(model, _TinySegmenter) and model(images).shape == (2, 9, 11, 3)
+
+    sd = fcn_jax.to_torch_state_dict(model)  # torch layout both ways
+    assert sorted(sd) == ["features.conv.bias", "features.conv.weight", "head.bias", "head.weight"]
+    assert sd["features.conv.weight"].shape == (5, 3, 3, 3)
+    twin = fcn_jax.create_model("tiny", num_classes=3, backbone="tiny", width=5, seed=1)
+    fcn_jax.load_torch_state_dict(twin, sd)
+    np.testing.assert_array_equal(twin(images), model(images))
+    with pytest.raises(WeightsError, match=r"head.weight: expected \(3, 5, 1, 1\)"):
+        fcn_jax.load_torch_state_dict(twin, {**sd, "head.weight": np.zeros((3, 4, 1, 1), np.float32)})
+
+    path = fcn_jax.save_weights(model, tmp_path / "tiny.safetensors")  # native format: its config travels along
+    loaded = fcn_jax.load_model(path)
+    assert loaded.width == 5
+    np.testing.assert_array_equal(loaded(images), model(images))
+
+    metrics, _ = evaluate_model(loaded, TinyDataset(n=4, size=8), normalization="imagenet")
+    assert 0 <= metrics["mean_iou"] <= 1
+    data = export(loaded, "stablehlo")
+    assert all(c.ok for c in verify(loaded, data, "stablehlo", shapes=[(2, 32, 64)]))
+    with pytest.raises(ConfigError, match="ONNX export covers the tutorial, paper, heatmap families, not tiny_family"):
+        pytest.importorskip("onnx")
+        export(loaded, "onnx")
+
+    # the command line offers it, and its commands take it
+    assert main(["summary", "--arch", "tiny", "--backbone", "tiny", "--num-classes", "3"]) == 0
+    assert "_TinySegmenter" in capsys.readouterr().out
+    assert main(["train", "--arch", "tiny", "--backbone", "tiny", "--no-batch-norm", "--synthetic-size", "16",
+                 "--synthetic-train", "32", "--synthetic-val", "8", "--epochs", "1", "--workers", "0",
+                 "--overlays", "1", "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["export", str(tmp_path / "run" / "final.safetensors"), "--format", "stablehlo", "--output",
+                 str(tmp_path / "tiny.jaxexport")]) == 0

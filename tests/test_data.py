@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fcn_jax.data import Augment, Loader, SyntheticShapes, get_dataset, normalize
-from fcn_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from fcn_jax.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from fcn_jax.errors import ConfigError, DatasetError
 
 

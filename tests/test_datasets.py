@@ -10,7 +10,8 @@ from PIL import Image
 
 from fcn_jax.data import get_dataset
 from fcn_jax.data.cityscapes import LABEL_TO_TRAIN
-from fcn_jax.data.pipeline import EvalBatches, normalize
+from fcn_jax.data.normalization import normalize
+from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.errors import DatasetError
 from tests.helpers import jpg as _jpg
 from tests.helpers import label as _label

@@ -65,14 +65,14 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
     def broken(model):
         raise ValueError("Incompatible shapes for broadcasting: (2, 3) and (4,)")
 
-    monkeypatch.setattr(importlib.import_module("fcn_jax.parameter_table"), "summary", broken)
+    monkeypatch.setattr(importlib.import_module("fcn_jax.models.summary"), "summary", broken)
     with pytest.raises(ValueError, match="Incompatible shapes"):
         main(["summary", "--arch", "fcn32s"])
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1():
     code = ("import importlib, sys\n"
-            "s = importlib.import_module('fcn_jax.parameter_table')\n"
+            "s = importlib.import_module('fcn_jax.models.summary')\n"
             "def broken(model): raise ValueError('Incompatible shapes for broadcasting')\n"
             "s.summary = broken\n"
             "from fcn_jax.cli import main\n"

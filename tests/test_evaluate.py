@@ -11,7 +11,7 @@ import pytest
 import fcn_jax
 from fcn_jax.cli import main
 from fcn_jax.data import get_dataset, normalize
-from fcn_jax.metrics import confusion_matrix, segmentation_metrics
+from fcn_jax.inference.metrics import confusion_matrix, segmentation_metrics
 from tests.test_datasets import _folder, _jpg, _label, _palette_png
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 import fcn_jax
 from fcn_jax.cli import main
 from fcn_jax.data import normalize
-from fcn_jax.deploy import TOLERANCE, default_verify_sizes, export, verify
+from fcn_jax.deploy.exporting import TOLERANCE, default_verify_sizes, export, verify
 from fcn_jax.errors import ConfigError, MissingExtraError
 from fcn_jax.models import MODELS
 from tests.helpers import NARROW
@@ -62,8 +62,9 @@ def test_onnx_equals_jax_at_two_sizes(arch, batch_norm):
     assert max(c.relative for c in checks) <= TOLERANCE
 
 
-@SLOW
-@pytest.mark.parametrize("backbone,batch_norm", [("vgg13", True), ("vgg16", False), ("vgg19", True)])
+@pytest.mark.parametrize("backbone,batch_norm", [pytest.param("vgg13", True, marks=pytest.mark.exhaustive),
+                                                 pytest.param("vgg16", False, marks=SLOW),
+                                                 pytest.param("vgg19", True, marks=pytest.mark.exhaustive)])
 def test_onnx_every_depth(backbone, batch_norm):
     _assert_verified(_model("fcn8s", backbone, batch_norm), "onnx")
     _assert_verified(_model("fcn16s_paper", backbone), "onnx")
@@ -96,7 +97,7 @@ def test_stablehlo_reloads_without_fcn_jax(arch, batch_norm, tmp_path):
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-@SLOW
+@pytest.mark.exhaustive  # one of each family in the fast tier: test_stablehlo_reloads_without_fcn_jax
 @pytest.mark.parametrize("arch,batch_norm", [("fcn32s", True), ("fcn16s", False), ("fcns", True),
                                              ("fcn32s_paper", False), ("fcn16s_paper", False), ("fcn8s_paper", False)])
 def test_stablehlo_every_other_architecture(arch, batch_norm):
@@ -131,14 +132,14 @@ def test_stablehlo_at_a_fixed_size_takes_any_batch():
 
 def test_export_command_writes_verifies_and_reports(tmp_path, capsys):
     fcn_jax.save_weights(_model("fcn8s", batch_norm=True), tmp_path / "m.safetensors", normalization="reference")
-    out = tmp_path / "seg.onnx"  # the README's name
+    out = tmp_path / "seg.onnx"  # the name in docs/deploy.md
     assert main(["export", str(tmp_path / "m.safetensors"), "--format", "onnx", "--with-preprocessing",
                  "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert out.is_file() and "normalisation reference" in printed  # taken from the weights file
     assert printed.count("verified in onnxruntime") == 2 and "OVER TOLERANCE" not in printed
-    # the README's example segments an image with the file, in a process with onnxruntime, numpy and Pillow only
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    # the docs' example segments an image with the file, in a process with onnxruntime, numpy and Pillow only
+    readme = (Path(__file__).parent.parent / "docs" / "deploy.md").read_text()
     example = readme.split("Segmenting one image with the exported ONNX")[1].split("```python")[1].split("```")[0]
     street = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     Image.fromarray(street).save(tmp_path / "street.jpg")
@@ -150,7 +151,7 @@ def test_export_command_writes_verifies_and_reports(tmp_path, capsys):
 
 
 def test_an_export_that_differs_fails_with_exit_1(tmp_path, capsys, monkeypatch):
-    from fcn_jax import onnx_export
+    from fcn_jax.deploy import onnx_graph as onnx_export
 
     fcn_jax.save_weights(_model("fcns"), tmp_path / "m.safetensors")
     monkeypatch.setattr(onnx_export._Graph, "relu", lambda self, x: x)  # a graph that forgot its ReLUs

@@ -16,18 +16,28 @@ import pytest
 from flax import nnx
 
 import fcn_jax
-from fcn_jax.choices import TUTORIAL_ARCHS
+from fcn_jax import registry
 from fcn_jax.models import torch_feature_indices
 from fcn_jax.models.fcn import FCN
 from fcn_jax.pytorch.parity import jax_twin, random_reference
 from tests.helpers import assert_close, nchw, nhwc
 
+TUTORIAL_ARCHS = registry.archs(family="tutorial")
+
 MODELS = list(itertools.product(TUTORIAL_ARCHS, fcn_jax.BACKBONES, (False, True)))  # the paper's: test_paper_models
 
 
-def matrix(fast: tuple):
-    """Every arch x backbone x BatchNorm, all but ``fast`` marked slow (``make test-fast`` runs that one)."""
-    return [pytest.param(*m, id=f"{m[0]}-{m[1]}{'_bn' if m[2] else ''}", marks=() if m == fast else pytest.mark.slow)
+# The cover `make test` runs: every arch with and without BatchNorm on vgg11, and a deeper VGG (depth only changes
+# the backbone's tuple of layers); every arch x depth x BatchNorm is the exhaustive tier.
+COVER = {(a, "vgg11", bn) for a in TUTORIAL_ARCHS for bn in (False, True)} | {("fcn8s", "vgg16", False),
+                                                                            ("fcns", "vgg16", True)}
+
+
+def matrix(fast: tuple, cover: set = COVER):
+    """Every arch x backbone x BatchNorm: ``fast`` in every tier, ``cover`` in `make test` (slow), the rest
+    exhaustive."""
+    return [pytest.param(*m, id=f"{m[0]}-{m[1]}{'_bn' if m[2] else ''}",
+                         marks=() if m == fast else pytest.mark.slow if m in cover else pytest.mark.exhaustive)
             for m in MODELS]
 
 
@@ -137,7 +147,8 @@ def test_full_size_fcn8s_vgg16_eval(torch):
         assert_close(nchw(m(jnp.asarray(nhwc(x)))), tm(torch.from_numpy(x)).numpy(), EVAL_RTOL, "logits 224x224")
 
 
-@pytest.mark.parametrize("name", [pytest.param(f"{b}{s}", marks=() if b == "vgg11" else pytest.mark.slow)
+@pytest.mark.parametrize("name", [pytest.param(f"{b}{s}", marks=() if b == "vgg11" else pytest.mark.slow
+                                               if f"{b}{s}" == "vgg16_bn" else pytest.mark.exhaustive)
                                   for b in fcn_jax.BACKBONES for s in ("", "_bn")])
 def test_torchvision_vgg_loads_into_backbone(torch, name):
     """torchvision's real VGG modules (random init): our backbone gives the outputs of applying

@@ -22,10 +22,10 @@ from flax import nnx
 
 import fcn_jax
 from fcn_jax.data import Augment, Loader, SyntheticShapes, normalize
+from fcn_jax.data.normalization import normalize_on_device
 from fcn_jax.data.pipeline import EvalBatches
-from fcn_jax.device_input import normalize_on_device, prefetch_to_devices
+from fcn_jax.devices import make_mesh, prefetch_to_devices, replicate_state
 from fcn_jax.errors import ConfigError, DatasetError
-from fcn_jax.sharding import make_mesh, replicate_state
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.meter import LossMeter
 from fcn_jax.training.step import _train_step_in_place, _train_step_new_buffers, train_step
@@ -333,8 +333,9 @@ def test_device_prefetch_keeps_order_and_depth():
     assert [int(b["x"][0]) for b in stream] == [1, 2, 3, 4, 5]
 
 
-def test_the_cli_and_the_data_workers_import_without_jax():
-    code = "import sys, fcn_jax.cli, fcn_jax.data; print([m for m in ('jax', 'flax', 'optax') if m in sys.modules])"
+def test_the_cli_the_registry_and_the_data_workers_import_without_jax():
+    code = ("import sys, fcn_jax.cli, fcn_jax.data, fcn_jax.registry; fcn_jax.cli.build_parser(); "
+            "print([m for m in ('jax', 'flax', 'optax') if m in sys.modules])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.stdout.strip() == "[]", result.stderr

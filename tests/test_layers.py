@@ -1,4 +1,4 @@
-"""Each layer of fcn_jax.layers against its torch.nn counterpart."""
+"""Each layer of fcn_jax.models.layers against its torch.nn counterpart."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from fcn_jax.errors import ConfigError, InputError
-from fcn_jax.layers import BatchNorm2d, Conv2d, ConvTranspose2d, max_pool_2x2
+from fcn_jax.models.layers import BatchNorm2d, Conv2d, ConvTranspose2d, max_pool_2x2
 from tests.helpers import assert_close, nchw, nhwc
 
 RTOL = 1e-5
@@ -73,12 +73,23 @@ def test_conv2d_small_inputs_keep_xla_from_swapping_operands():
 TRANSPOSE_SETTINGS = [(k, s, p, op, d) for k, s, p, op, d in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2),
                                                                                 (0, 1, 2), (1, 2))
                       if op < max(s, d) and p <= d * (k - 1)]
-# The FCN decoder's setting and three others (odd/even kernels, strides 1-3, dilation): the fast subset's share
-# of the float64 gradient matrix, the rest being marked slow.
+# The FCN decoder's setting and three others (odd/even kernels, strides 1-3, dilation): the fast tier's share.
 TRANSPOSE_FAST = {(3, 2, 1, 1, 1), (4, 3, 2, 2, 1), (3, 1, 1, 0, 2), (1, 2, 0, 1, 1)}
+# The cover `make test` runs: every kernel size, stride, padding, output padding and dilation, at their edges
+# (1x1 kernels, padding up to d * (k - 1), output padding up to max(s, d) - 1); the whole grid is exhaustive.
+TRANSPOSE_COVER = TRANSPOSE_FAST | {(1, 1, 0, 0, 1), (1, 3, 0, 2, 1), (2, 2, 0, 0, 1), (2, 2, 1, 1, 1), (2, 1, 2, 1, 2),
+                                    (3, 3, 0, 2, 1), (3, 3, 2, 0, 1), (3, 1, 2, 0, 1), (4, 1, 0, 0, 1), (4, 2, 2, 1, 2),
+                                    (4, 3, 1, 0, 2)}
+assert set(TRANSPOSE_SETTINGS) >= TRANSPOSE_COVER
 
 
-@pytest.mark.parametrize("k,s,p,op,d", TRANSPOSE_SETTINGS)
+def _tiered(settings, fast: set, cover: set):
+    """``fast``: every tier; ``cover``: `make test` (slow); the rest: `make test-exhaustive`."""
+    return [pytest.param(*t, marks=() if t in fast else pytest.mark.slow if t in cover else pytest.mark.exhaustive)
+            for t in settings]
+
+
+@pytest.mark.parametrize("k,s,p,op,d", _tiered(TRANSPOSE_SETTINGS, TRANSPOSE_COVER, TRANSPOSE_COVER))
 def test_conv_transpose2d_matches_torch(torch, k, s, p, op, d):
     ref = torch.nn.ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d)
     ours = ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d, rngs=nnx.Rngs(0))
@@ -114,8 +125,7 @@ def _check_conv_transpose_float64(torch, k, s, p, op, d, h, w, rtol=1e-10):
     assert_close(grads["bias"][...], ref.bias.grad.numpy(), rtol, "bias")
 
 
-@pytest.mark.parametrize("k,s,p,op,d", [pytest.param(*t, marks=() if t in TRANSPOSE_FAST else pytest.mark.slow)
-                                        for t in TRANSPOSE_SETTINGS])
+@pytest.mark.parametrize("k,s,p,op,d", _tiered(TRANSPOSE_SETTINGS, TRANSPOSE_FAST, TRANSPOSE_COVER))
 def test_conv_transpose2d_gradients_match_torch(torch, k, s, p, op, d):
     """The custom VJP (gradients through the strided forward conv) against torch's autograd, float64."""
     _check_conv_transpose_float64(torch, k, s, p, op, d, 7, 6)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fcn_jax.metrics import confusion_matrix, segmentation_metrics
+from fcn_jax.inference.metrics import confusion_matrix, segmentation_metrics
 
 
 def _paper_metrics(labels, preds, num_classes, ignore=255):

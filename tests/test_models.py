@@ -12,9 +12,11 @@ import pytest
 from flax import nnx
 
 import fcn_jax
-from fcn_jax.choices import TUTORIAL_ARCHS
+from fcn_jax import registry
 from fcn_jax.errors import ConfigError, InputError
 from fcn_jax.models import feature_ranges, torch_feature_indices
+
+TUTORIAL_ARCHS = registry.archs(family="tutorial")
 
 SPEC_RANGES = {  # the reference's hard-coded table, valid without batch norm only
     "vgg11": ((0, 3), (3, 6), (6, 11), (11, 16), (16, 21)),

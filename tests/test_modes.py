@@ -7,8 +7,8 @@ import pytest
 
 import fcn_jax
 from fcn_jax.data import SyntheticShapes
-from fcn_jax.evaluation import evaluate_model
-from fcn_jax.modes import in_mode
+from fcn_jax.inference.evaluation import evaluate_model
+from fcn_jax.models.modes import in_mode
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,16 @@ import pytest
 from flax import nnx
 
 import fcn_jax
-from fcn_jax.choices import PAPER_ARCHS
+from fcn_jax import registry
 from fcn_jax.errors import WeightsError
-from fcn_jax.layers import max_pool_2x2, pad_to_even
 from fcn_jax.models import MODELS
+from fcn_jax.models.layers import max_pool_2x2, pad_to_even
 from fcn_jax.models.paper import Upsampling, bilinear_kernel
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import train_step, trainable
 from tests.helpers import NARROW, TinyDataset, assert_close, nchw, nhwc
+
+PAPER_ARCHS = registry.archs(family="paper")
 
 
 def _pair(arch, backbone="vgg11", num_classes=5, seed=1, dropout=0.5):
@@ -73,7 +75,7 @@ def test_each_paper_head_matches_the_reference_at_any_size(torch, arch):
         _check_logits(model, twin, torch, size)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # the heads on vgg11: test_each_paper_head_matches_the_reference_at_any_size
 @pytest.mark.parametrize("backbone", ["vgg13", "vgg16", "vgg19"])
 @pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_every_head_on_every_depth_matches_the_reference(torch, arch, backbone):
@@ -249,7 +251,7 @@ def test_the_paper_presets_follow_the_published_recipe():
 
 @pytest.mark.slow
 def test_fcn16s_starts_from_a_trained_fcn32s_layer_by_layer(tmp_path):
-    from fcn_jax.weights import load_matching
+    from fcn_jax.weights.native import load_matching
 
     fcn32s = MODELS["fcn32s_paper"](3, backbone="vgg11", fc_width=NARROW, rngs=nnx.Rngs(1))
     fcn_jax.save_weights(fcn32s, tmp_path / "fcn32s.safetensors")
@@ -331,8 +333,8 @@ class _ImagesOfManySizes:
 @pytest.mark.slow
 def test_evaluating_in_padded_batches_equals_evaluating_each_image_alone():
     from fcn_jax.data.pipeline import EvalBatches
-    from fcn_jax.evaluation import confusion_over
-    from fcn_jax.sharding import make_mesh
+    from fcn_jax.devices import make_mesh
+    from fcn_jax.inference.evaluation import confusion_over
 
     model = MODELS["fcn16s_paper"](3, backbone="vgg11", fc_width=NARROW, rngs=nnx.Rngs(0))
     for layer in (model.score_fr, model.score_pool4):

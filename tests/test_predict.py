@@ -80,7 +80,7 @@ def test_inputs_that_share_a_stem_get_outputs_of_their_own(weights, tmp_path, ca
 
 
 def test_an_output_that_is_a_file_is_refused_before_any_work(weights, tmp_path, capsys, monkeypatch):
-    import fcn_jax.prediction as prediction
+    import fcn_jax.inference.prediction as prediction
 
     Image.fromarray(_images()[0]).save(tmp_path / "x.png")
     (tmp_path / "taken").write_text("a file")
@@ -90,7 +90,7 @@ def test_an_output_that_is_a_file_is_refused_before_any_work(weights, tmp_path, 
 
 
 def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path, capsys, monkeypatch):
-    import fcn_jax.prediction as prediction
+    import fcn_jax.inference.prediction as prediction
 
     Image.fromarray(np.zeros((400, 600, 3), np.uint8)).save(tmp_path / "big.png")
     monkeypatch.setattr(prediction, "available_memory", lambda: 50 * 2**20)  # 50 MiB left on this "machine"
@@ -104,7 +104,7 @@ def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path
 
 
 def test_the_weights_files_normalisation_is_used_unless_one_is_given(tmp_path, capsys):
-    from fcn_jax.runs import input_normalization
+    from fcn_jax.inference.runs import input_normalization
 
     model = fcn_jax.load_model(fcn_jax.save_weights(fcn_jax.create_model("fcn32s", num_classes=3, backbone="vgg11"),
                                                     tmp_path / "plain.safetensors"))

@@ -19,11 +19,13 @@ from flax import nnx
 from PIL import Image
 
 import fcn_jax
-from fcn_jax.choices import PAPER_ARCHS
+from fcn_jax import registry
 from fcn_jax.cli import main
 from fcn_jax.errors import DatasetError
 from fcn_jax.models import MODELS
 from tests.helpers import NARROW, make_voc_tree
+
+PAPER_ARCHS = registry.archs(family="paper")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,7 @@ def _paper_file(path: Path, arch: str, seed: int, num_classes: int = 21) -> Path
 
 
 def _tensor(path: Path, key: str) -> np.ndarray:
-    from fcn_jax.weights import read_weights
+    from fcn_jax.weights.native import read_weights
 
     return read_weights(path)[1][key]
 
@@ -55,8 +57,8 @@ def _tensor(path: Path, key: str) -> np.ndarray:
 def test_init_weights_win_over_backbone_weights_and_the_note_names_each_layers_file(tmp_path, narrow_paper_nets,
                                                                                       caplog):
     from fcn_jax.training.config import resolve_config
-    from fcn_jax.training.run import _load_init_weights
-    from fcn_jax.weights import flat_variables
+    from fcn_jax.training.setup import _load_init_weights
+    from fcn_jax.weights.native import flat_variables
 
     heat = _paper_file(tmp_path / "heat.safetensors", "heatmap", seed=1, num_classes=1000)
     fcn32s = _paper_file(tmp_path / "fcn32s.safetensors", "fcn32s_paper", seed=2)
@@ -336,7 +338,7 @@ def test_converting_a_paper_file_into_another_paper_head_is_one_clear_error(tmp_
 
 def test_onnx_scores_come_out_in_the_classes_layout(small_weights, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
-    from fcn_jax.deploy import export
+    from fcn_jax.deploy.exporting import export
 
     data = export(fcn_jax.load_model(small_weights), "onnx", with_preprocessing=True, scores=True)
     classes, scores = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"]).run(

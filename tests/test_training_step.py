@@ -13,9 +13,9 @@ import pytest
 from flax import nnx
 
 import fcn_jax
+from fcn_jax.devices import make_mesh, replicate_state, shard_batch
 from fcn_jax.errors import ConfigError
 from fcn_jax.pytorch.parity import jax_twin, random_reference
-from fcn_jax.sharding import make_mesh, replicate_state, shard_batch
 from fcn_jax.training.losses import bce, cross_entropy
 from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.step import jitted_train_step, train_step

@@ -8,7 +8,8 @@ from fcn_jax.data.camvid import camvid11_dataset, camvid_dataset
 from fcn_jax.data.cityscapes import cityscapes_dataset
 from fcn_jax.data.files import SegmentationFiles
 from fcn_jax.data.folder import folder_dataset
-from fcn_jax.data.pipeline import Augment, Loader, normalize
+from fcn_jax.data.normalization import normalize
+from fcn_jax.data.pipeline import Augment, Loader
 from fcn_jax.data.synthetic import SyntheticShapes
 from fcn_jax.data.voc import voc_dataset
 from fcn_jax.errors import DatasetError

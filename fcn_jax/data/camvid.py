@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fcn_jax.atomic_files import atomic_target
 from fcn_jax.data.files import SegmentationFiles, open_image, read_index_png
 from fcn_jax.errors import DatasetError
 
@@ -73,10 +74,8 @@ class ColourDecoder:
             raise DatasetError(f"{path}: colours {bad} are not in label_colors.txt; fix the mask or add the colour "
                                f"to the table (never guessed: that would mislabel pixels)")
         label = self.order[pos].astype(np.uint8)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}.png")
-        Image.fromarray(label).save(tmp)
-        os.replace(tmp, cached)
+        with atomic_target(cached) as tmp:
+            Image.fromarray(label).save(tmp, format="PNG")
         return label.astype(np.int64)
 
 

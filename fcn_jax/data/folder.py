@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fcn_jax.data.files import SegmentationFiles
-from fcn_jax.drawing import voc_palette
+from fcn_jax.data.palettes import voc_palette
 from fcn_jax.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")

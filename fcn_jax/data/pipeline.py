@@ -22,29 +22,9 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from fcn_jax.data.normalization import normalize
 from fcn_jax.data.workers import SampleWorkers, default_workers, in_worker, worker_failure
 from fcn_jax.errors import ConfigError, DatasetError, FcnJaxError
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-REFERENCE_BGR_MEAN = (103.939, 116.779, 123.68)  # the reference's BGR means, in 0..255
-CAFFE_BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)  # the paper's Caffe models' BGR means, in 0..255
-BGR_MODES = ("reference", "caffe")  # the modes that reverse the channels
-
-
-def normalize(images: np.ndarray, mode: str = "imagenet") -> np.ndarray:
-    """uint8 RGB ``(..., H, W, 3)`` -> float32 network input.
-
-    ``imagenet``: RGB / 255, minus mean, divided by std (what torchvision's VGG weights expect).
-    ``reference``: the reference's BGR order, / 255, minus its BGR means / 255, no std division.
-    ``caffe``: BGR order, 0..255, minus the BGR means of the paper's Caffe models (their published weights)."""
-    if mode == "caffe":
-        return images[..., ::-1].astype(np.float32) - np.array(CAFFE_BGR_MEAN, np.float32)
-    x = images.astype(np.float32) / 255.0
-    if mode == "imagenet":
-        return (x - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
-    if mode == "reference":
-        return x[..., ::-1] - np.array(REFERENCE_BGR_MEAN, np.float32) / 255.0
-    raise ConfigError(f"unknown normalisation {mode!r}; choose imagenet, reference or caffe")
 
 
 @dataclasses.dataclass(frozen=True)

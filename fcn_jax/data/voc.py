@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fcn_jax.data.files import SegmentationFiles, read_index_png
-from fcn_jax.drawing import voc_palette
+from fcn_jax.data.palettes import voc_palette
 from fcn_jax.errors import DatasetError
 
 CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -1,24 +1,51 @@
-"""Model registry: ``create_model(arch, ...)`` builds any FCN variant on any VGG backbone."""
+"""The networks, one module per family, and ``create_model(arch, ...)`` for any architecture registered in
+:mod:`fcn_jax.registry`.
+
+- :mod:`~fcn_jax.models.base`: :class:`Segmenter`, what every network declares about itself.
+- :mod:`~fcn_jax.models.fcn`: the tutorial's FCNs; :mod:`~fcn_jax.models.paper`: the paper's FCNs and the heatmap.
+- :mod:`~fcn_jax.models.vgg`: the VGG backbones; :mod:`~fcn_jax.models.layers`: PyTorch-exact layers.
+- :mod:`~fcn_jax.models.modes`: train/eval mode switches; :mod:`~fcn_jax.models.summary`: parameter tables.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn_jax.choices import ARCHS
+from fcn_jax import registry
 from fcn_jax.errors import ConfigError
+from fcn_jax.models.base import Segmenter
 from fcn_jax.models.fcn import FCN, FCN8s, FCN16s, FCN32s, FCNs
-from fcn_jax.models.paper import FCN8sAtOncePaper, FCN8sPaper, FCN16sPaper, FCN32sPaper, Heatmap, PaperFCN
+from fcn_jax.models.paper import Heatmap, PaperFCN
 from fcn_jax.models.vgg import BACKBONES, CFGS, VGGBackbone, feature_ranges, torch_feature_indices
 
-MODELS: dict[str, type] = {cls.arch: cls for cls in (FCN32s, FCN16s, FCN8s, FCNs, FCN32sPaper, FCN16sPaper,
-                                                      FCN8sPaper, FCN8sAtOncePaper, Heatmap)}  # keyed as ARCHS
+ARCHS = registry.archs()  # the built-in ones; registry.archs() also lists families registered later
+
+
+class _ArchClasses(Mapping):
+    """``MODELS[arch]``: the class of each registered architecture, read from the registry when asked."""
+
+    def __getitem__(self, arch: str) -> type:
+        if arch not in registry.archs():
+            raise KeyError(arch)
+        return registry.model_class(arch)
+
+    def __iter__(self):
+        return iter(registry.archs())
+
+    def __len__(self) -> int:
+        return len(registry.archs())
+
+
+MODELS: Mapping[str, type] = _ArchClasses()
 
 
 def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = "vgg16",
                  batch_norm: bool = False, seed: int = 0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, precision=None) -> FCN:
+                 param_dtype=jnp.float32, precision=None, **options) -> Segmenter:
     """Build an FCN with freshly initialised weights.
 
     Args:
@@ -32,27 +59,27 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = 
       dtype: compute dtype; ``jnp.bfloat16`` for mixed precision (BatchNorm statistics stay in
         ``param_dtype``). ``jnp.float64`` needs ``jax_enable_x64``.
       param_dtype: dtype of the parameters and BatchNorm statistics.
-      precision: XLA precision of the convolutions (see :mod:`fcn_jax.layers`).
+      precision: XLA precision of the convolutions (see :mod:`fcn_jax.models.layers`).
+      **options: a family's own constructor arguments (what its ``config()`` saves with the weights).
 
     Returns:
       The model, in train mode as PyTorch modules start; ``model.eval()`` for inference.
       ``model(images)`` maps ``(N, H, W, 3)`` NHWC to ``(N, H, W, num_classes)`` logits.
     """
-    if arch not in MODELS:
-        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    cls = registry.model_class(arch)  # an unknown arch: a ConfigError listing the registered ones
     for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):
         if jnp.dtype(dt) == jnp.float64 and not jax.config.jax_enable_x64:
             raise ConfigError(f"{name}=float64 needs 64-bit JAX: run jax.config.update('jax_enable_x64', "
                              f"True) first or use `with jax.enable_x64(True):`")
-    return MODELS[arch](num_classes, backbone=backbone, batch_norm=batch_norm, dtype=dtype,
-                        param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(seed))
+    return cls(num_classes, backbone=backbone, batch_norm=batch_norm, dtype=dtype, param_dtype=param_dtype,
+               precision=precision, rngs=nnx.Rngs(seed), **options)
 
 
 def forward(model, images: jax.Array, sizes: jax.Array | None = None) -> jax.Array:
     """``model(images)``; for the paper's networks, which do not pad themselves, with each image's own size
     (``sizes``, ``(N, 2)``, from :class:`~fcn_jax.data.pipeline.EvalBatches`) so that images padded into one
     batch get the logits they would get alone."""
-    return model(images, sizes=sizes) if getattr(model, "takes_sizes", False) else model(images)
+    return model(images, sizes=sizes) if model.takes_sizes else model(images)
 
 
 __all__ = [
@@ -67,6 +94,7 @@ __all__ = [
     "FCNs",
     "Heatmap",
     "PaperFCN",
+    "Segmenter",
     "VGGBackbone",
     "create_model",
     "feature_ranges",

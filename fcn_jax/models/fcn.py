@@ -23,14 +23,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fcn_jax.errors import ConfigError, InputError
-from fcn_jax.layers import BatchNorm2d, Conv2d, ConvTranspose2d
+from fcn_jax.models.base import Segmenter
+from fcn_jax.models.layers import BatchNorm2d, Conv2d, ConvTranspose2d
 from fcn_jax.models.vgg import VGGBackbone
 
 STRIDE = 32  # x5 is the input downsampled five times by 2
 DECODER_WIDTHS = (512, 512, 256, 128, 64, 32)  # deconv k maps widths[k-1] -> widths[k]
 
 
-class FCN(nnx.Module):
+class FCN(Segmenter):
     """Base class: ``(N, H, W, 3)`` float NHWC images -> ``(N, H, W, num_classes)`` logits.
 
     Owns ``backbone`` (:class:`VGGBackbone`), ``deconv1..deconv5``, ``bn1..bn5`` and ``classifier``,
@@ -38,7 +39,7 @@ class FCN(nnx.Module):
     ``model.eval()`` for inference with the BatchNorm running statistics.
     """
 
-    arch: str = ""
+    family = "tutorial"
     # (upsampling step k, backbone feature) pairs: the feature is added to step k's output before / after its
     # BatchNorm
     skips_before_bn: tuple[tuple[int, str], ...] = ()

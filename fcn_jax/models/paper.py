@@ -30,8 +30,9 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax.errors import ConfigError, InputError
-from fcn_jax.layers import Conv2d, ConvTranspose2d, known_sizes
+from fcn_jax.models.base import Segmenter
 from fcn_jax.models.fcn import check_images
+from fcn_jax.models.layers import Conv2d, ConvTranspose2d, known_sizes
 from fcn_jax.models.vgg import VGGBackbone, mask_beyond
 
 
@@ -89,13 +90,15 @@ class ConvolutionalizedVGG(nnx.Module):
         return self.drop7(_masked(jax.nn.relu(self.fc7(x)), extents), rngs=rngs)
 
 
-class Heatmap(nnx.Module):
+class Heatmap(Segmenter):
     """Convolutionalized VGG with the ImageNet classifier's last layer, fc8, as a 1x1 convolution:
     ``(N, H, W, 3)`` -> ``(N, H // 32 - 6, W // 32 - 6, num_classes)`` class scores, one per 32-pixel step
     (``H, W >= 224``). Loads torchvision's whole VGG state_dict (``features`` and ``classifier``)."""
 
-    arch = "heatmap"
+    arch = family = "heatmap"
     takes_dropout_rngs = True
+    segmenter = False  # class scores per 32-pixel step
+    min_size = 224  # fc6 needs a 7x7 pool5
 
     def __init__(self, num_classes: int = 1000, *, backbone: str = "vgg16", batch_norm: bool = False,
                  dropout: float = 0.5, fc_width: int = 4096, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -113,14 +116,17 @@ class Heatmap(nnx.Module):
     def backbone(self) -> VGGBackbone:
         return self.vgg.backbone
 
+    def config(self) -> dict:
+        return {**super().config(), "fc_width": self.vgg.fc7.kernel.shape[-1]}
+
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
         return self.fc8(self.vgg.fully_convolutional(self.backbone(check_images(images))["x5"], rngs))
 
 
-class PaperFCN(nnx.Module):
+class PaperFCN(Segmenter):
     """Base of the paper's segmentation nets: ``(N, H, W, 3)`` float NHWC -> ``(N, H, W, num_classes)``."""
 
-    arch = ""
+    family = "paper"
     takes_dropout_rngs = True
     size_multiple = 32  # batches pad images to it; `sizes` masks the padding back out (exact per image)
     takes_sizes = True
@@ -155,6 +161,9 @@ class PaperFCN(nnx.Module):
     @property
     def backbone(self) -> VGGBackbone:
         return self.vgg.backbone
+
+    def config(self) -> dict:
+        return {**super().config(), "fc_width": self.vgg.fc7.kernel.shape[-1]}
 
     def __call__(self, images: jax.Array, *, rngs: nnx.Rngs | None = None, sizes: jax.Array | None = None
                  ) -> jax.Array:

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fcn_jax.choices import BACKBONES
 from fcn_jax.errors import ConfigError
-from fcn_jax.layers import BatchNorm2d, Conv2d, max_pool_2x2, pad_to_even
+from fcn_jax.models.layers import BatchNorm2d, Conv2d, max_pool_2x2, pad_to_even
 
 CFGS: dict[str, tuple] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -24,6 +23,7 @@ CFGS: dict[str, tuple] = {
     "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
               512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
 }
+BACKBONES = tuple(CFGS)
 
 
 def check_backbone_name(name: str) -> tuple:
@@ -106,6 +106,10 @@ class VGGBackbone(nnx.Module):
             for j, (cin, cout) in enumerate(itertools.pairwise([3, *widths]))])
         self.bns = nnx.List([BatchNorm2d(c, dtype=dtype, param_dtype=param_dtype) for c in widths]
                             if batch_norm else [])
+
+    def describe(self) -> str:
+        """``VGGBackbone(vgg16_bn)``: for messages."""
+        return f"VGGBackbone({self.name}{'_bn' if self.batch_norm else ''})"
 
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         return self.features_and_extents(x)[0]

@@ -29,8 +29,7 @@ import optax
 import torch
 from flax import nnx
 
-from fcn_jax.choices import PAPER_ARCHS, SEGMENTERS
-from fcn_jax.conversion import infer_config, read_torch_state_dict
+from fcn_jax import registry
 from fcn_jax.errors import ConfigError
 from fcn_jax.models import create_model
 from fcn_jax.models.fcn import STRIDE
@@ -44,7 +43,10 @@ from fcn_jax.pytorch.parity import (
     torch_twin,
 )
 from fcn_jax.pytorch.speed import ProgressBar, Timing, format_speed, measure_speed, speed_ratios
-from fcn_jax.weights import load_model
+from fcn_jax.weights.native import load_model
+from fcn_jax.weights.torch_layout import infer_config, read_torch_state_dict
+
+PAPER_ARCHS = registry.archs(family="paper")
 
 
 @dataclasses.dataclass
@@ -175,8 +177,9 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
             seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
             speed: bool = True, torch_compile: bool = False, progress: bool = True) -> CompareResult:
     """Build both models, run the fidelity checks and the speed measurement; see the module doc."""
-    if arch not in SEGMENTERS:
-        raise ConfigError(f"compare covers the segmentation nets ({', '.join(SEGMENTERS)}), not {arch}")
+    segmenters = registry.archs(segmenters=True)
+    if arch not in segmenters:
+        raise ConfigError(f"compare covers the segmentation nets ({', '.join(segmenters)}), not {arch}")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {repeats} and {warmup}")
     with jax.enable_x64(float64), jax.default_matmul_precision("highest"):

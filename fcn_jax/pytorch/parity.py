@@ -20,22 +20,24 @@ import optax
 import torch
 from flax import nnx
 
-from fcn_jax.choices import PAPER_ARCHS
-from fcn_jax.conversion import (
+from fcn_jax import registry
+from fcn_jax.errors import ConfigError
+from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model, torch_feature_indices
+from fcn_jax.models.modes import in_mode
+from fcn_jax.pytorch.io import from_numpy, to_numpy
+from fcn_jax.pytorch.paper_reference import build_paper_model
+from fcn_jax.pytorch.reference import VGGNet, build_torch_model, randomize_batchnorm_
+from fcn_jax.training.losses import cross_entropy
+from fcn_jax.weights.paper_layout import trunk_from_torchvision
+from fcn_jax.weights.torch_layout import (
     infer_config,
     load_torch_state_dict,
     read_torch_state_dict,
     to_torch_state_dict,
     torch_entries,
-    trunk_from_torchvision,
 )
-from fcn_jax.errors import ConfigError
-from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model, torch_feature_indices
-from fcn_jax.modes import in_mode
-from fcn_jax.pytorch.io import from_numpy, to_numpy
-from fcn_jax.pytorch.paper_reference import build_paper_model
-from fcn_jax.pytorch.reference import VGGNet, build_torch_model, randomize_batchnorm_
-from fcn_jax.training.losses import cross_entropy
+
+PAPER_ARCHS = registry.archs(family="paper")
 
 IGNORE_INDEX = 255
 # (float32, float64) bars on max |jax - torch| / scale, scale = max |torch| of the tensor, except for

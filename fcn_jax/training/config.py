@@ -12,9 +12,10 @@ import json
 import math
 from pathlib import Path
 
-from fcn_jax import runs
-from fcn_jax.choices import BACKBONES, LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES, SEGMENTERS
+from fcn_jax import registry
+from fcn_jax.choices import LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES
 from fcn_jax.errors import ConfigError, RunError
+from fcn_jax.inference import runs
 
 
 def _field(default, help: str, *, check=None, **kw):
@@ -47,6 +48,11 @@ def _positive_size(v):
     return None if all(x > 0 for x in v) else "must be positive"
 
 
+def _segmenter(v):
+    return None if v in registry.archs(segmenters=True) else \
+        f"must be a segmentation architecture ({', '.join(registry.archs(segmenters=True))})"
+
+
 def _class_weights(v):
     return None if all(math.isfinite(x) and x >= 0 for x in v) else "must be >= 0 and finite"
 
@@ -76,8 +82,8 @@ class TrainConfig:
     device_prefetch: int = _field(2, "batches placed on the devices ahead of the step", check=_at_least(1))
     # model
     arch: str = _field("fcns", "FCN variant (the *_paper ones: the paper's networks, no BatchNorm)",
-                       choices=SEGMENTERS)
-    backbone: str = _field("vgg11", "VGG depth", choices=BACKBONES)
+                       choices=lambda: registry.archs(segmenters=True), check=_segmenter)
+    backbone: str = _field("vgg11", "backbone (VGG depth)", choices=registry.backbones)
     batch_norm: bool = _field(True, "use the vgg*_bn backbone")
     backbone_weights: str | None = _field(None, "fcn-jax .safetensors with a VGG backbone (from `fcn-jax convert`)"
                                                 " or a whole FCN, to initialise the backbone")
@@ -123,6 +129,9 @@ class TrainConfig:
             problem = check(value) if check and value is not None else None
             if problem:
                 raise ConfigError(f"--{f.name.replace('_', '-')} {problem}, got {_shown(f, value)}")
+        family = registry.family_of(self.arch)
+        if self.backbone not in family.backbones:
+            raise ConfigError(f"--backbone {self.backbone}: {self.arch} takes {', '.join(family.backbones)}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -203,7 +212,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_parse_floats, default=None, metavar="A,B,...", help=help_text)
         else:
             convert = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(flag, type=convert, default=None, choices=f.metadata.get("choices"), help=help_text)
+            choices = f.metadata.get("choices")  # a function where the registry decides (families registered late)
+            parser.add_argument(flag, type=convert, default=None, choices=choices() if callable(choices) else choices,
+                                help=help_text)
 
 
 def explicit_overrides(args: argparse.Namespace) -> dict:

@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from fcn_jax.devices import host_tree
+
 
 @jax.jit
 def _add(record: dict, loss: jax.Array) -> dict:
@@ -44,11 +46,5 @@ class LossMeter:
 
     def fetch(self) -> Seen:
         """Wait for the steps so far and read the record (one device-to-host transfer)."""
-        host = jax.device_get(jax.tree.map(_local, self.record))
+        host = host_tree(self.record)
         return Seen(int(host["step"]), float(host["loss"]), None if host["finite"] else int(host["first_bad"]))
-
-
-def _local(x: jax.Array) -> jax.Array:
-    """A replicated array's copy on this process (on multi-host runs the global array is not addressable)."""
-    return x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
-

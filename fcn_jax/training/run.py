@@ -15,7 +15,6 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import functools
 import sys
 import time
 from pathlib import Path
@@ -25,28 +24,24 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fcn_jax import runs
-from fcn_jax.data import Augment, Loader, get_dataset
-from fcn_jax.data.pipeline import EvalBatches
-from fcn_jax.device_input import prefetch_to_devices
-from fcn_jax.drawing import overlay_panel, plot_learning_curve
-from fcn_jax.errors import ConfigError, DatasetError, RunError, TrainingDiverged
-from fcn_jax.evaluation import confusion_over
-from fcn_jax.metrics import metrics_table, segmentation_metrics
-from fcn_jax.models import MODELS, PaperFCN, create_model
+from fcn_jax.data import Loader
+from fcn_jax.devices import host_array, prefetch_to_devices
+from fcn_jax.errors import RunError, TrainingDiverged
+from fcn_jax.inference import runs
+from fcn_jax.inference.drawing import overlay_panel, plot_learning_curve
+from fcn_jax.inference.evaluation import confusion_over
+from fcn_jax.inference.metrics import metrics_table, segmentation_metrics
+from fcn_jax.inference.prediction import predict
 from fcn_jax.notes import note
-from fcn_jax.prediction import predict
-from fcn_jax.sharding import host_array, make_mesh, replicate_state
 from fcn_jax.training.checkpoint import RunCheckpoints
 from fcn_jax.training.config import TrainConfig, resume_config
 from fcn_jax.training.lock import hold_run_folder
-from fcn_jax.training.losses import get_loss
 from fcn_jax.training.meter import LossMeter
-from fcn_jax.training.optim import make_optimizer, make_schedule
 from fcn_jax.training.reporting import MetricsLog
-from fcn_jax.training.step import train_step, trainable
+from fcn_jax.training.setup import Prepared, check_same_data, checkpoint_steps, prepare
+from fcn_jax.training.step import train_step
 from fcn_jax.training.stopping import StopRequests, TrainingStopped
-from fcn_jax.weights import flat_variables, load_matching, load_weights, read_weights_config, save_weights
+from fcn_jax.weights.native import save_weights
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
@@ -78,98 +73,12 @@ def resume(run_dir: str, overrides: dict | None = None, *, progress: bool = True
         return _train(resume_config(run_dir, overrides or {}), True, progress, stop)
 
 
-def _load_init_weights(model, config: TrainConfig) -> None:
-    """``--backbone-weights``, then ``--init-weights``: in staged training the previous stage's whole net wins over
-    the ImageNet start it also holds. For the paper's nets each file gives every layer of the same name and
-    shape, and one note says which file each layer came from."""
-    paper = isinstance(model, PaperFCN)
-    source: dict[str, str] = {}  # variable name -> the file it was copied from, the last one winning
-    for target, path, what in ((model.backbone, config.backbone_weights, "--backbone-weights"),
-                               (model, config.init_weights, "--init-weights")):
-        if path is None:
-            continue
-        if not paper or read_weights_config(path)["model"] == "vgg":
-            load_weights(target, path)  # a paper net given a bare backbone: fc6 and fc7 keep their random start
-            continue
-        copied, _ = load_matching(model, path)
-        source.update(dict.fromkeys(copied, f"{path} ({what})"))
-    if source and jax.process_index() == 0:
-        by_file = {f: [k for k, v in source.items() if v == f] for f in dict.fromkeys(source.values())}
-        left = [k for k in flat_variables(model) if k not in source]
-        note("; ".join(f"from {f}: {_layers(names)}" for f, names in by_file.items())
-             + f"; left at their initial values: {_layers(left) or 'nothing'}")
-
-
-def _check_init_files(config: TrainConfig) -> None:
-    """The weights files a run starts from exist (checked before the datasets and workers are set up)."""
-    for path, what in ((config.backbone_weights, "--backbone-weights"), (config.init_weights, "--init-weights")):
-        if path is not None and not Path(path).is_file():
-            how = (f"--torchvision {config.backbone} --arch heatmap" if issubclass(MODELS[config.arch], PaperFCN)
-                   else f"--torchvision {config.backbone}{'_bn' if config.batch_norm else ''}")
-            raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
-                              f"`fcn-jax convert {how} --output {path}` (needs internet once), or train without it")
-
-
-def _layers(names: list[str]) -> str:
-    """``vgg.backbone.convs.0.kernel, vgg.backbone.convs.0.bias, score_fr.kernel`` -> ``vgg.backbone.convs.0,
-    score_fr``: the layers of variable names, in order."""
-    return ", ".join(dict.fromkeys(name.rsplit(".", 1)[0] for name in names))
-
-
-def _checkpoint_steps(run_dir: Path) -> list[int]:
-    """The complete checkpoints in the folder, read from the file system (orbax names them by step and
-    writes them under temporary names until they are complete)."""
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-
-
-def _remove_half_written(run_dir: Path) -> None:
-    """Temporary files that a killed run left behind (``.best.safetensors.tmp-PID``); the lock says that no
-    live run writes here."""
-    leftovers = sorted(run_dir.glob(".*.tmp-*"))
-    for path in leftovers:
-        path.unlink()
-    if leftovers:
-        note(f"removed {len(leftovers)} half-written file(s) of an earlier run: "
-              f"{', '.join(p.name for p in leftovers)}")
-
-
-def _fingerprint(dataset) -> dict:
-    """What identifies a split's samples: their number and, where the dataset can say, a digest of them."""
-    return {"samples": len(dataset), "digest": dataset.fingerprint() if hasattr(dataset, "fingerprint") else None}
-
-
-def _check_same_data(saved: dict | None, now: dict) -> None:
-    for role, name in (("train", "training"), ("val", "validation")):
-        before, after = (saved or {}).get(role), now[role]
-        if before and before != after:
-            what = (f"{before['samples']} -> {after['samples']} samples" if before["samples"] != after["samples"]
-                    else "the same number of samples, but other files")
-            raise DatasetError(f"the {name} split changed since the run started ({what}): resuming would not "
-                               f"continue the same run. Restore the split as it was, or start a new run from this "
-                               f"one's weights with --init-weights")
-
-
 def _recording_states(loader: Loader, states: collections.deque):
     """The loader's batches, appending its state after each to ``states``: batches prefetched to the devices
     run ahead of the steps, so the state to checkpoint with a step is the one recorded with its batch."""
     for batch in loader:
         states.append(loader.state())
         yield batch
-
-
-def _check_classes_used(dataset, ignore_index: int) -> None:
-    """A folder dataset whose masks hold one class besides the ignore label trains nothing (binary masks
-    saved as 0/255, with 255 meant as the object)."""
-    used = dataset.label_values()
-    classes = used - {ignore_index}
-    if dataset.num_classes >= 2 and len(classes) <= 1 and ignore_index in used:
-        only = ", ".join(f"{c} ({dataset.class_names[c]!r})" for c in sorted(classes)) or "none"
-        raise DatasetError(
-            f"the train split's masks hold only class {only} and {ignore_index}, the ignore label: the other "
-            f"classes would never be trained. If {ignore_index} marks objects (binary masks saved as "
-            f"0/{ignore_index}), remap it to class 1 in the mask files (the README's 'Binary masks' shows how), or "
-            f"give the masks' real ignore value with --ignore-index")
 
 
 def _disk_full(error: BaseException | None) -> bool:
@@ -193,7 +102,7 @@ def _writing(path: Path, run_dir: Path, checkpoints: RunCheckpoints | None = Non
         if checkpoints is not None:
             with contextlib.suppress(Exception):  # a checkpoint written in the background may still complete
                 checkpoints.wait()
-        kept = _checkpoint_steps(run_dir)
+        kept = checkpoint_steps(run_dir)
         resume_from = (f"continue with `fcn-jax train --resume --run-dir {run_dir}` (its last complete checkpoint, "
                        f"step {kept[-1]}, is intact)" if kept else "start the run again")
         raise RunError(f"no space left on the device while writing {path}: free some space, then {resume_from}") \
@@ -201,175 +110,187 @@ def _writing(path: Path, run_dir: Path, checkpoints: RunCheckpoints | None = Non
 
 
 def _train(config: TrainConfig, resume: bool, progress: bool, stop: StopRequests) -> dict:
-    run_dir = Path(config.run_dir).absolute()
-    is_main = jax.process_index() == 0
-    if is_main:
-        _remove_half_written(run_dir)
-    existing = _checkpoint_steps(run_dir)
-    if resume and not existing:
-        raise RunError(f"nothing to resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume")
-    if not resume and existing:
-        raise RunError(f"{run_dir} already holds a run (checkpoint at step {existing[-1]}): continue it with "
-                       f"--resume or choose another --run-dir")
-    if config.batch_size % jax.device_count():
-        raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
-    if not resume:  # a resumed run's weights come from its checkpoint
-        _check_init_files(config)
-
-    datasets = {role: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
-                                  synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
-                                  synthetic_samples=config.synthetic_train if role == "train" else config.synthetic_val)
-                for role, split in (("train", config.train_split), ("val", config.val_split))}
-    if config.dataset == "folder":
-        _check_classes_used(datasets["train"], config.ignore_index)
-    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    feeding = dict(workers=config.workers, prefetch=config.prefetch)
-    train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, normalization=None,  # on device
-                          augment=Augment(config.crop, tuple(config.scale), config.hflip), **feeding, **shard)
-    val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization,
-                             multiple=MODELS[config.arch].size_multiple, **feeding,
-                             **shard)
-    num_classes, class_names = datasets["train"].num_classes, datasets["train"].class_names
-    labels = {"class_names": class_names, "palette": datasets["train"].palette,  # stored with the weights
-              "normalization": config.normalization}
-    if config.class_weights is not None and len(config.class_weights) != num_classes:
-        raise ConfigError(f"--class-weights has {len(config.class_weights)} values; the dataset has "
-                          f"{num_classes} classes")
-    fingerprints = {role: _fingerprint(ds) for role, ds in datasets.items()}
-
-    model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
-                         seed=config.seed, dtype=jnp.dtype(config.dtype))
-    if not resume:
-        _load_init_weights(model, config)
-    total_steps = config.epochs * len(train_loader)
-    schedule = make_schedule(config.schedule, config.lr, total_steps=total_steps, steps_per_epoch=len(train_loader),
-                             warmup_steps=config.warmup_steps, step_epochs=config.step_epochs, gamma=config.gamma,
-                             power=config.power)
-    tx = make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
-                        weight_decay=config.weight_decay, bias_lr_factor=config.bias_lr_factor,
-                        decay_biases=config.decay_biases)
-    optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone, config.learn_upsampling))
-    mesh = make_mesh()
-    replicate_state((model, optimizer), mesh)
-    loss_fn = functools.partial(get_loss(config.loss), ignore_index=config.ignore_index,
-                                class_weights=config.class_weights)
-
+    run = prepare(config, resume)
     # (RunCheckpoints cleans orbax's leftovers; leaving the block waits for the last write and stops the workers)
-    with RunCheckpoints(run_dir / "checkpoints", config.keep_checkpoints) as checkpoints, train_loader, val_loader:
-        step, best, metrics = 0, {"mean_iou": -1.0, "step": None}, None
+    with RunCheckpoints(run.run_dir / "checkpoints", config.keep_checkpoints) as checkpoints, run.train_loader, \
+            run.val_loader:
+        loop = _Loop(config, run, checkpoints, stop)
         if resume:
-            step, data_state, info, skipped = checkpoints.restore_newest(model, optimizer)
-            _check_same_data(info.get("data"), fingerprints)
-            train_loader.restore(data_state)
-            best, metrics = info["best"], info.get("metrics")
-            if is_main:
-                for failed, why in skipped:
-                    note(f"skipped checkpoint {failed}, which does not restore ({why}); it is in "
-                          f"{run_dir / 'damaged_checkpoints'} now")
-                note(f"resumed from step {step}")
-        if is_main:
+            loop.restore()
+        loop.start_reports(progress)
+        stop.steps_begin()
+        while run.train_loader.epoch < config.epochs:
+            loop.train_epoch()
+            loop.end_epoch()
+        loop.bar.close()
+        with _writing(run.run_dir / "checkpoints" / str(loop.step), run.run_dir, checkpoints):
+            checkpoints.wait()
+    if loop.is_main:
+        _write_results(run.model, config, run.datasets, run.labels, loop.reports, loop.metrics, loop.best, loop.step)
+    return loop.metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What a step is due for; the host waits for the devices only when it is due for something."""
+
+    log: bool
+    checkpoint: bool
+    stop: bool
+    end_of_epoch: bool
+
+    def __bool__(self) -> bool:
+        return self.log or self.checkpoint or self.stop or self.end_of_epoch
+
+
+def due(config: TrainConfig, step: int, total_steps: int, end_of_epoch: bool, stop_requested: bool) -> Due:
+    """What ``step`` (just taken) is due for: a log line every ``log_every_steps`` and at the last step, a
+    checkpoint every ``checkpoint_every_steps``, a stop when one was requested (an epoch's end does both itself)."""
+    return Due(log=step % config.log_every_steps == 0 or step == total_steps,
+               checkpoint=bool(config.checkpoint_every_steps) and step % config.checkpoint_every_steps == 0
+               and not end_of_epoch,
+               stop=stop_requested and not end_of_epoch, end_of_epoch=end_of_epoch)
+
+
+class _Loop:
+    """A run's changing state (step, best and last metrics, the loss on the devices) and what it does at its
+    steps, epoch ends and stops."""
+
+    def __init__(self, config: TrainConfig, run: Prepared, checkpoints: RunCheckpoints, stop: StopRequests):
+        self.config, self.run, self.checkpoints, self.stop = config, run, checkpoints, stop
+        self.is_main = jax.process_index() == 0
+        self.step, self.best, self.metrics = 0, {"mean_iou": -1.0, "step": None}, None
+
+    def restore(self) -> None:
+        self.step, data_state, info, skipped = self.checkpoints.restore_newest(self.run.model, self.run.optimizer)
+        check_same_data(info.get("data"), self.run.fingerprints)
+        self.run.train_loader.restore(data_state)
+        self.best, self.metrics = info["best"], info.get("metrics")
+        if self.is_main:
+            for failed, why in skipped:
+                note(f"skipped checkpoint {failed}, which does not restore ({why}); it is in "
+                     f"{self.run.run_dir / 'damaged_checkpoints'} now")
+            note(f"resumed from step {self.step}")
+
+    def start_reports(self, progress: bool) -> None:
+        config, run_dir = self.config, self.run.run_dir
+        if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / runs.CONFIG).write_text(config.to_json())
-        reports = MetricsLog(run_dir) if is_main else None
-        bar = tqdm(total=total_steps, initial=step, disable=not (is_main and progress), unit="step", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
-                   desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
-        last_time, last_step = time.perf_counter(), step
-        meter = LossMeter(step)
+        self.reports = MetricsLog(run_dir) if self.is_main else None
+        self.bar = tqdm(total=self.run.total_steps, initial=self.step, disable=not (self.is_main and progress),
+                        unit="step", dynamic_ncols=True,
+                        mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
+                        desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
+        self.last_time, self.last_step = time.perf_counter(), self.step
+        self.meter = LossMeter(self.step)
 
-        def diverged(what: str, at_step: int) -> TrainingDiverged:
-            bar.close()
-            checkpoints.wait()
-            kept = checkpoints.latest_step()
-            where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
-                else "no checkpoint had been written yet"
-            lower = f"{config.lr / 10:g}"
-            advice = (f"Lower the learning rate and continue from that checkpoint: "
-                      f"fcn-jax train --resume --run-dir {run_dir} --lr {lower}" if kept is not None
-                      else f"Check the data, or start again with a lower learning rate (e.g. --lr {lower})")
-            return TrainingDiverged(f"{what} at step {at_step} (epoch {train_loader.epoch + 1}); stopped without "
-                                    f"saving, {where}. {advice}")
+    def train_epoch(self) -> None:
+        """The rest of the current epoch, step by step."""
+        config, run = self.config, self.run
+        data_states = collections.deque()  # the loader's state after each batch, in step with the batches
+        for batch in prefetch_to_devices(_recording_states(run.train_loader, data_states), run.mesh,
+                                         config.device_prefetch):
+            data_state = data_states.popleft()
+            self.meter.add(train_step(run.model, run.optimizer, batch["image"], batch["label"], run.loss_fn,
+                                      config.normalization, config.seed))
+            self.step += 1
+            self.bar.update(1)
+            now = due(config, self.step, run.total_steps, data_state["batch"] == len(run.train_loader),
+                      self.stop.requested(self.step))
+            if now:
+                self.act(now, data_state)
 
-        def save(data_state: dict, metrics_for_best=None):
-            # The loss is computed before each update, so check the updated parameters before keeping them.
-            if not bool(host_array(all_finite(nnx.state(model, nnx.Param)))):
-                raise diverged("the parameters became NaN or infinite", step)
-            with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
-                checkpoints.save(step, model, optimizer, data_state,
-                                 {"step": step, "best": best, "metrics": metrics, "config": dataclasses.asdict(config),
-                                  "data": fingerprints}, metrics=metrics_for_best)
+    def act(self, now: Due, data_state: dict) -> None:
+        """What a step is due for, after reading the loss from the devices."""
+        seen = self.meter.fetch()
+        if seen.first_bad_step is not None:
+            raise self.diverged(f"the loss became {seen.loss if self.step == seen.first_bad_step else 'NaN'}",
+                                seen.first_bad_step)
+        if now.log:
+            self.log(seen.loss, data_state)
+        if now.checkpoint:
+            self.save(data_state)
+        if now.stop:
+            raise self.stopped(data_state)
 
-        def stopped(data_state: dict) -> TrainingStopped:
-            bar.close()
-            if checkpoints.latest_step() != step:
-                save(data_state)
-            with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
-                checkpoints.wait()
-            where = f"epoch {data_state['epoch'] + 1}, batch {data_state['batch']} of {len(train_loader)}"
-            again = f"fcn-jax train --resume --run-dir {run_dir}" + (" --distributed" * (jax.process_count() > 1))
-            return TrainingStopped(f"stopped at step {step} ({where}) on {stop.reason}: wrote the checkpoint of step "
-                                   f"{step} to {run_dir / 'checkpoints'}. Resume with: {again}")
+    def log(self, loss: float, data_state: dict) -> None:
+        config, loader = self.config, self.run.train_loader
+        now = time.perf_counter()
+        rate = (self.step - self.last_step) * config.batch_size / (now - self.last_time)
+        self.last_time, self.last_step = now, self.step
+        self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
+        if self.reports:
+            epochs = data_state["epoch"] + data_state["batch"] / len(loader)
+            self.reports.write("train", self.step, {"loss": loss, "lr": float(self.run.schedule(self.step)),
+                                                    "images_per_s": rate, "epoch": epochs})
 
-        stop.steps_begin()
-        while train_loader.epoch < config.epochs:
-            data_states = collections.deque()  # the loader's state after each batch, in step with the batches
-            for batch in prefetch_to_devices(_recording_states(train_loader, data_states), mesh,
-                                             config.device_prefetch):
-                data_state = data_states.popleft()
-                meter.add(train_step(model, optimizer, batch["image"], batch["label"], loss_fn,
-                                     config.normalization, config.seed))
-                step += 1
-                bar.update(1)
-                end_of_epoch = data_state["batch"] == len(train_loader)
-                log_now = step % config.log_every_steps == 0 or step == total_steps
-                checkpoint_now = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-                                  and not end_of_epoch)
-                stop_now = stop.requested(step) and not end_of_epoch
-                if not (log_now or checkpoint_now or stop_now or end_of_epoch):
-                    continue  # the host waits for the devices only at these points
-                seen = meter.fetch()
-                if seen.first_bad_step is not None:
-                    raise diverged(f"the loss became {seen.loss if step == seen.first_bad_step else 'NaN'}",
-                                   seen.first_bad_step)
-                if log_now:
-                    now = time.perf_counter()
-                    rate = (step - last_step) * config.batch_size / (now - last_time)
-                    last_time, last_step = now, step
-                    bar.set_postfix(loss=f"{seen.loss:.4f}", img_s=f"{rate:.1f}", refresh=False)
-                    if reports:
-                        epochs = data_state["epoch"] + data_state["batch"] / len(train_loader)
-                        reports.write("train", step, {"loss": seen.loss, "lr": float(schedule(step)),
-                                                      "images_per_s": rate, "epoch": epochs})
-                if checkpoint_now:
-                    save(data_state)
-                if stop_now:
-                    raise stopped(data_state)
-            epoch = train_loader.epoch
-            if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
-                conf = confusion_over(model, val_loader, mesh, num_classes, config.ignore_index)
-                metrics = segmentation_metrics(conf, class_names)
-                improved = metrics["mean_iou"] > best["mean_iou"]
-                if improved:
-                    best = {"mean_iou": metrics["mean_iou"], "step": step}
-                bar.write(f"epoch {epoch}/{config.epochs}  step {step}  validation mean IoU "
-                          f"{metrics['mean_iou']:.4f}  pixel accuracy {metrics['pixel_acc']:.4f}")
-                if reports:
-                    reports.write("val", step, {**{k: v for k, v in metrics.items() if k != "per_class_iou"},
-                                                **{f"iou/{k}": v for k, v in metrics["per_class_iou"].items()}})
-                save(train_loader.state(), {"mean_iou": metrics["mean_iou"]})
-                if improved and is_main:
-                    with _writing(run_dir / runs.BEST_WEIGHTS, run_dir, checkpoints):
-                        save_weights(model, run_dir / runs.BEST_WEIGHTS, **labels)
-            else:
-                save(train_loader.state())
-            if stop.requested(step) and train_loader.epoch < config.epochs:
-                raise stopped(train_loader.state())
-        bar.close()
-        with _writing(run_dir / "checkpoints" / str(step), run_dir, checkpoints):
-            checkpoints.wait()
-    if is_main:
-        _write_results(model, config, datasets, labels, reports, metrics, best, step)
-    return metrics
+    def end_epoch(self) -> None:
+        """Validation (every ``eval_every_epochs`` and at the end) and the epoch's checkpoint; then a stop asked
+        for during the epoch."""
+        config, run = self.config, self.run
+        epoch = run.train_loader.epoch
+        if epoch % config.eval_every_epochs == 0 or epoch == config.epochs:
+            self.validate(epoch)
+        else:
+            self.save(run.train_loader.state())
+        if self.stop.requested(self.step) and run.train_loader.epoch < config.epochs:
+            raise self.stopped(run.train_loader.state())
+
+    def validate(self, epoch: int) -> None:
+        config, run = self.config, self.run
+        conf = confusion_over(run.model, run.val_loader, run.mesh, run.datasets["train"].num_classes,
+                              config.ignore_index)
+        self.metrics = segmentation_metrics(conf, run.datasets["train"].class_names)
+        improved = self.metrics["mean_iou"] > self.best["mean_iou"]
+        if improved:
+            self.best = {"mean_iou": self.metrics["mean_iou"], "step": self.step}
+        self.bar.write(f"epoch {epoch}/{config.epochs}  step {self.step}  validation mean IoU "
+                       f"{self.metrics['mean_iou']:.4f}  pixel accuracy {self.metrics['pixel_acc']:.4f}")
+        if self.reports:
+            self.reports.write("val", self.step, {
+                **{k: v for k, v in self.metrics.items() if k != "per_class_iou"},
+                **{f"iou/{k}": v for k, v in self.metrics["per_class_iou"].items()}})
+        self.save(run.train_loader.state(), {"mean_iou": self.metrics["mean_iou"]})
+        if improved and self.is_main:
+            with _writing(run.run_dir / runs.BEST_WEIGHTS, run.run_dir, self.checkpoints):
+                save_weights(run.model, run.run_dir / runs.BEST_WEIGHTS, **run.labels)
+
+    def save(self, data_state: dict, metrics_for_best: dict | None = None) -> None:
+        # The loss is computed before each update, so check the updated parameters before keeping them.
+        run = self.run
+        if not bool(host_array(all_finite(nnx.state(run.model, nnx.Param)))):
+            raise self.diverged("the parameters became NaN or infinite", self.step)
+        with _writing(run.run_dir / "checkpoints" / str(self.step), run.run_dir, self.checkpoints):
+            self.checkpoints.save(self.step, run.model, run.optimizer, data_state,
+                                  {"step": self.step, "best": self.best, "metrics": self.metrics,
+                                   "config": dataclasses.asdict(self.config), "data": run.fingerprints},
+                                  metrics=metrics_for_best)
+
+    def diverged(self, what: str, at_step: int) -> TrainingDiverged:
+        self.bar.close()
+        self.checkpoints.wait()
+        kept, run_dir = self.checkpoints.latest_step(), self.run.run_dir
+        where = f"the last good checkpoint is step {kept} in {run_dir / 'checkpoints'}" if kept is not None \
+            else "no checkpoint had been written yet"
+        lower = f"{self.config.lr / 10:g}"
+        advice = (f"Lower the learning rate and continue from that checkpoint: "
+                  f"fcn-jax train --resume --run-dir {run_dir} --lr {lower}" if kept is not None
+                  else f"Check the data, or start again with a lower learning rate (e.g. --lr {lower})")
+        return TrainingDiverged(f"{what} at step {at_step} (epoch {self.run.train_loader.epoch + 1}); stopped "
+                                f"without saving, {where}. {advice}")
+
+    def stopped(self, data_state: dict) -> TrainingStopped:
+        self.bar.close()
+        run_dir, step = self.run.run_dir, self.step
+        if self.checkpoints.latest_step() != step:
+            self.save(data_state)
+        with _writing(run_dir / "checkpoints" / str(step), run_dir, self.checkpoints):
+            self.checkpoints.wait()
+        where = f"epoch {data_state['epoch'] + 1}, batch {data_state['batch']} of {len(self.run.train_loader)}"
+        again = f"fcn-jax train --resume --run-dir {run_dir}" + (" --distributed" * (jax.process_count() > 1))
+        return TrainingStopped(f"stopped at step {step} ({where}) on {self.stop.reason}: wrote the checkpoint of "
+                               f"step {step} to {run_dir / 'checkpoints'}. Resume with: {again}")
 
 
 def _write_results(model, config: TrainConfig, datasets: dict, labels: dict, reports: MetricsLog, metrics: dict,

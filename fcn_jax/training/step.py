@@ -1,5 +1,5 @@
 """The compiled training step: forward, loss, backward, optimizer update and BatchNorm statistics in one
-program, partitioned over the mesh of :mod:`fcn_jax.sharding` (replicated state, batch split over ``data``).
+program, partitioned over the mesh of :mod:`fcn_jax.devices` (replicated state, batch split over ``data``).
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from fcn_jax.device_input import normalize_on_device
+from fcn_jax.data.normalization import normalize_on_device
 from fcn_jax.models.paper import Upsampling
 
 
@@ -18,7 +18,7 @@ def _train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.
     key = jax.random.fold_in(jax.random.key(dropout_seed), optimizer.step[...])  # the paper's nets' dropout
 
     def compute_loss(model):
-        extra = {"rngs": nnx.Rngs(dropout=key)} if getattr(model, "takes_dropout_rngs", False) else {}
+        extra = {"rngs": nnx.Rngs(dropout=key)} if model.takes_dropout_rngs else {}
         return loss_fn(model(images, **extra), labels)
 
     loss, grads = nnx.value_and_grad(compute_loss, argnums=nnx.DiffState(0, optimizer.wrt))(model)
@@ -48,7 +48,7 @@ def train_step(model, optimizer: nnx.Optimizer, images: jax.Array, labels: jax.A
     """One SGD step in train mode: forward, loss, backward, optimizer update and BatchNorm running
     statistics, all in one compiled program (see :func:`jitted_train_step`). Returns the loss (before
     the update), on the devices. ``images``: float network input, or uint8 RGB with ``normalization``
-    (``"imagenet"`` or ``"reference"``: normalised inside the program, see :mod:`fcn_jax.device_input`).
+    (``"imagenet"`` or ``"reference"``: normalised inside the program, see :mod:`fcn_jax.data.normalization`).
     Models with dropout (the paper's) draw their masks from ``dropout_seed`` and the optimizer's step count."""
     return jitted_train_step()(model, optimizer, images, labels, loss_fn, normalization, dropout_seed)
 

@@ -2,7 +2,7 @@
 
 Two formats (:data:`fcn_jax.choices.EXPORT_FORMATS`):
 
-- ``onnx``: a graph of ONNX operators written from the model's layers (:mod:`fcn_jax.onnx_export`), run by
+- ``onnx``: a graph of ONNX operators written from the model's layers (:mod:`fcn_jax.deploy.onnx_graph`), run by
   onnxruntime and any ONNX runtime; NCHW float input, batch, height and width all dynamic. Needs the ``onnx``
   extra.
 - ``stablehlo``: the model compiled by :func:`jax.export.export` and serialised (weights included); any JAX
@@ -32,12 +32,12 @@ from flax import nnx
 from fcn_jax import extras
 from fcn_jax.atomic_files import atomic_target, refuse_overwriting
 from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
-from fcn_jax.data.pipeline import normalize
-from fcn_jax.device_input import normalize_on_device
+from fcn_jax.data.normalization import normalize, normalize_on_device
 from fcn_jax.errors import ConfigError, InputError
-from fcn_jax.models import FCN, Heatmap, PaperFCN
-from fcn_jax.modes import in_mode
-from fcn_jax.runs import input_normalization
+from fcn_jax.inference.runs import input_normalization
+from fcn_jax.models import Segmenter
+from fcn_jax.models.modes import in_mode
+from fcn_jax.notes import note
 
 TOLERANCE = 1e-5  # max |exported - JAX| / max |JAX| of float32 logits (or scores)
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -63,17 +63,16 @@ def export(model, format: str = "stablehlo", *, with_preprocessing: bool = False
 def _check(model, format: str, normalization: str, size, scores_without_preprocessing: bool) -> None:
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    if not isinstance(model, (FCN, PaperFCN, Heatmap)):
-        raise ConfigError(f"export takes a whole network (an FCN, a paper FCN or the heatmap), got "
-                          f"{type(model).__name__}")
+    if not isinstance(model, Segmenter):
+        raise ConfigError(f"export takes a whole network (any registered architecture), got {type(model).__name__}")
     if normalization not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalization {normalization!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if scores_without_preprocessing:
         raise ConfigError("--scores adds softmax scores to a --with-preprocessing export (plain exports return "
                           "the logits)")
-    if size is not None and (min(size) < 1 or (isinstance(model, Heatmap) and min(size) < 224)):
-        raise ConfigError(f"--size {size[0]}x{size[1]} is too small"
-                          + (": the heatmap needs at least 224x224" if isinstance(model, Heatmap) else ""))
+    if size is not None and min(size) < model.min_size:
+        raise ConfigError(f"--size {size[0]}x{size[1]} is too small: {model.arch} takes at least "
+                          f"{model.min_size}x{model.min_size}")
 
 
 def _stablehlo(model, with_preprocessing: bool, normalization: str, scores: bool, size) -> jax.export.Exported:
@@ -128,8 +127,8 @@ def default_verify_sizes(model, format: str, size: tuple[int, int] | None) -> li
     the size is fixed)."""
     if size is not None:
         return [(1, *size), (2, *size)]
-    if isinstance(model, Heatmap):
-        return [(2, 224, 224), (1, 256, 288)]
+    if model.min_size > 1:
+        return [(2, model.min_size, model.min_size), (1, model.min_size + 32, model.min_size + 64)]
     return [(2, 64, 96), (1, 37, 45)] if format == "onnx" else [(2, 64, 96), (1, 96, 32)]
 
 
@@ -217,7 +216,7 @@ def export_file(weights: str | os.PathLike, *, format: str, output: str | os.Pat
     """``fcn-jax export``: load an fcn-jax weights file, export it to ``output``, verify it (unless ``check``
     is False) and report through ``progress``. ``normalization`` (for ``with_preprocessing``): by default the
     one stored in the weights file, else ``imagenet``, said in the report."""
-    from fcn_jax.weights import load_model, read_weights_config
+    from fcn_jax.weights.native import load_model, read_weights_config
 
     output = Path(output)
     if output.is_dir():
@@ -230,7 +229,7 @@ def export_file(weights: str | os.PathLike, *, format: str, output: str | os.Pat
         raise InputError(f"{weights} holds a bare VGG backbone; export takes a whole network (an FCN, a paper FCN "
                          f"or the heatmap)")
     if with_preprocessing and normalization is None and "normalization" not in config:
-        progress(f"note: {weights} does not say how its images were normalised; the graph normalises as "
+        note(f"{weights} does not say how its images were normalised; the graph normalises as "
                  f"'imagenet' (give --normalization if the model was trained otherwise)")
     normalization = input_normalization(normalization, None, config)
     model = load_model(weights)

@@ -9,11 +9,16 @@ maintenance mode and wraps ``jit(shard_map)`` anyway, and it would make per-devi
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterable, Iterator
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from fcn_jax.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -49,9 +54,32 @@ def shard_batch(batch: dict, mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def _local(x):
+    """A replicated array's copy on this process: on multi-host runs the global array is not fully addressable,
+    but each process holds a complete copy."""
+    return x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+
+
 def host_array(x) -> np.ndarray:
-    """A replicated (or single-device) array as numpy; on multi-host runs a replicated array is not
-    fully addressable, but each process holds a complete copy."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))
-    return np.asarray(x)
+    """A replicated (or single-device) array as numpy, on any number of hosts."""
+    return np.asarray(_local(x))
+
+
+def host_tree(tree):
+    """Every replicated array of ``tree`` on the host, in one device-to-host transfer."""
+    return jax.device_get(jax.tree.map(_local, tree))
+
+
+def prefetch_to_devices(batches: Iterable[dict], mesh, depth: int = 2) -> Iterator[dict]:
+    """The batches of ``batches`` (this process's share, numpy) as global arrays split over the mesh, with
+    the next ``depth`` already on their way to the devices while the caller works on the current one (the
+    copies are asynchronous: placing a batch does not wait for it to arrive)."""
+    if depth < 1:
+        raise ConfigError(f"--device-prefetch must be >= 1, got {depth}")
+    queue: collections.deque = collections.deque()
+    for batch in batches:
+        queue.append(shard_batch(batch, mesh))
+        if len(queue) > depth:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

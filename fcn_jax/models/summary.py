@@ -6,8 +6,6 @@ import re
 
 from flax import nnx
 
-from fcn_jax.conversion import describe
-
 
 def _part(name: str) -> str:
     """backbone (``backbone.*``, or everything of a bare VGGBackbone), decoder or classifier; for the paper's
@@ -28,7 +26,7 @@ def summary(model) -> str:
     params = [(".".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
     stats = nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
     width = max(len(n) for n, _ in params) + 2
-    lines = [describe(model), f"{'parameter':<{width}}{'shape':<22}{'count':>12}"]
+    lines = [model.describe(), f"{'parameter':<{width}}{'shape':<22}{'count':>12}"]
     parts: dict[str, int] = {}
     for name, var in params:
         lines.append(f"{name:<{width}}{tuple(var.shape)!s:<22}{var.size:>12,}")

@@ -15,12 +15,12 @@ import numpy as np
 
 from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data.files import read_image
-from fcn_jax.data.pipeline import normalize
-from fcn_jax.drawing import heatmap_picture
+from fcn_jax.data.normalization import normalize
 from fcn_jax.errors import ConfigError, InputError
+from fcn_jax.inference.drawing import heatmap_picture
+from fcn_jax.models.modes import in_mode
 from fcn_jax.models.paper import Heatmap
-from fcn_jax.modes import in_mode
-from fcn_jax.weights import load_model, read_weights_config
+from fcn_jax.weights.native import load_model, read_weights_config
 
 SMALLEST = 224  # fc6 needs a 7x7 pool5
 
@@ -36,7 +36,7 @@ def class_maps(model: Heatmap, image: np.ndarray, *, normalization: str = "image
 
 
 def run_heatmap(weights: str, image_path: str, output: str, *, top: int = 3, normalization: str = "imagenet") -> list:
-    """Write the picture (:func:`fcn_jax.drawing.heatmap_picture`) to ``output``; returns the top classes as
+    """Write the picture (:func:`fcn_jax.inference.drawing.heatmap_picture`) to ``output``; returns the top classes as
     ``[(class name, peak probability)]``."""
     if top < 1:
         raise ConfigError(f"--top must be >= 1, got {top}")

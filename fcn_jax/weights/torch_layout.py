@@ -1,10 +1,8 @@
-"""PyTorch state_dicts <-> fcn-jax models, both ways, exactly.
+"""PyTorch state_dicts <-> fcn-jax models, both ways, exactly: the machinery every family's layout shares.
 
-Two torch layouts are understood:
-
-- the whole reference FCN: ``pretrained_net.features.N.*``, ``deconvK.*``, ``bnK.*``, ``classifier.*``;
-- torchvision's VGG: ``features.N.*`` (and ``classifier.{0,3,6}.*``, which FCN does not use and
-  which are ignored with a note).
+Each registered family (:mod:`fcn_jax.registry`) has a layout module with its table and its checks
+(:mod:`~fcn_jax.weights.tutorial_layout`, :mod:`~fcn_jax.weights.paper_layout`); a bare backbone takes
+torchvision's VGG ``features.N.*`` (its ``classifier.{0,3,6}.*`` ignored with a note).
 
 Every torch layer maps to one Flax layer through the table built by :func:`layer_table`, and each
 layer kind has one transform (:data:`LAYER_KINDS`): Conv2d ``(out, in, kh, kw)`` and ConvTranspose2d
@@ -17,20 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fcn_jax import extras
-from fcn_jax.errors import WeightsError, check_values, key_problems_message
-from fcn_jax.models import FCN, VGGBackbone, torch_feature_indices
-from fcn_jax.models.paper import Heatmap, PaperFCN
-from fcn_jax.models.vgg import conv_names
+from fcn_jax import extras, registry
+from fcn_jax.errors import WeightsError, check_keys, check_values
+from fcn_jax.models import Segmenter, VGGBackbone, torch_feature_indices
 from fcn_jax.notes import note
+from fcn_jax.weights.native import read_safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,37 +72,22 @@ class Layer:
     kind: str  # key of LAYER_KINDS
 
 
-def layer_table(model: FCN | PaperFCN | Heatmap | VGGBackbone) -> list[Layer]:
-    """The torch-module -> Flax-module table of ``model``, in torch's state_dict order."""
+def layer_table(model) -> list[Layer]:
+    """The torch-module -> Flax-module table of ``model`` (a registered network: its family's table; a bare
+    backbone: torchvision's ``features.N``), in torch's state_dict order."""
     if isinstance(model, VGGBackbone):
-        return list(_backbone_layers(model, "features", ()))
-    if isinstance(model, FCN):
-        decoder = [Layer(f"{name}{k}", (f"{name}{k}",), kind)
-                   for k in range(1, 6) for name, kind in (("deconv", "conv"), ("bn", "bn"))]
-        return [*_backbone_layers(model.backbone, "pretrained_net.features", ("backbone",)), *decoder,
-                Layer("classifier", ("classifier",), "conv")]
-    if isinstance(model, PaperFCN):  # the published port's names
-        head = [Layer("score_fr", ("score_fr",), "conv")]
-        for _, score, upsampling, _, _ in model.skips:
-            head += [Layer(score, (score,), "conv"), Layer(upsampling, (upsampling,), "upsampling")]
-        return [*_paper_trunk(model), *head, Layer(model.upsample[0], (model.upsample[0],), "upsampling")]
-    if isinstance(model, Heatmap):  # torchvision's VGG, classifier included
-        return [*_backbone_layers(model.backbone, "features", ("vgg", "backbone")),
-                *(Layer(f"classifier.{i}", path, "linear") for i, path in TORCHVISION_FC.items())]
-    raise TypeError(f"expected an fcn_jax model or VGGBackbone, got {type(model).__name__}")
+        return list(backbone_layers(model, "features", ()))
+    if isinstance(model, Segmenter):
+        return family_layout(model).layer_table(model)
+    raise TypeError(f"expected an fcn_jax network or VGGBackbone, got {type(model).__name__}")
 
 
-TORCHVISION_FC = {0: ("vgg", "fc6"), 3: ("vgg", "fc7"), 6: ("fc8",)}  # classifier.i -> the convolution
+def family_layout(model: Segmenter) -> ModuleType:
+    """The torch-layout module of ``model``'s family (:mod:`fcn_jax.registry`)."""
+    return registry.torch_layout(registry.FAMILIES[model.family])
 
 
-def _paper_trunk(model: PaperFCN) -> list[Layer]:
-    """conv1_1 .. conv5_3, fc6, fc7: what a paper net shares with (and loads from) an ImageNet VGG."""
-    convs = [Layer(name, ("vgg", "backbone", "convs", j), "conv")
-             for j, name in enumerate(conv_names(model.backbone.name))]
-    return [*convs, Layer("fc6", ("vgg", "fc6"), "conv"), Layer("fc7", ("vgg", "fc7"), "conv")]
-
-
-def _backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterator[Layer]:
+def backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterator[Layer]:
     for j, (conv, bn) in enumerate(torch_feature_indices(backbone.name, backbone.batch_norm)):
         yield Layer(f"{prefix}.{conv}", (*path, "convs", j), "conv")
         if bn is not None:
@@ -120,16 +102,6 @@ def torch_entries(model, layers: list[Layer] | None = None) -> Iterator[tuple[st
             module = module[p] if isinstance(p, int) else getattr(module, p)
         for field in LAYER_KINDS[layer.kind]:
             yield f"{layer.torch}.{field.torch}", field, getattr(module, field.flax)
-
-
-def describe(model) -> str:
-    """``FCN8s(vgg16, batch_norm=False, num_classes=21)`` or ``VGGBackbone(vgg16_bn)``."""
-    if isinstance(model, (PaperFCN, Heatmap)):
-        return f"{type(model).__name__}({model.backbone.name}, num_classes={model.num_classes})"
-    if isinstance(model, FCN):
-        return (f"{type(model).__name__}({model.backbone.name}, batch_norm={model.backbone.batch_norm}, "
-                f"num_classes={model.num_classes})")
-    return f"VGGBackbone({model.name}{'_bn' if model.batch_norm else ''})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,17 +152,11 @@ def _read_file(path: Path) -> Mapping:
     if not path.is_file():
         raise WeightsError(f"no such weights file: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), "numpy") as f:
-                if (f.metadata() or {}).get("format", "").startswith("fcn-jax"):
-                    raise WeightsError(f"{path} is an fcn-jax weights file (Flax layout), not a PyTorch "
-                                       f"state_dict: load it with fcn_jax.load_model or fcn_jax.load_weights")
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        except SafetensorError as e:
-            raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or "
-                               f"not a safetensors file: download or save it again") from e
+        meta, tensors = read_safetensors(path)
+        if meta.get("format", "").startswith("fcn-jax"):
+            raise WeightsError(f"{path} is an fcn-jax weights file (Flax layout), not a PyTorch "
+                               f"state_dict: load it with fcn_jax.load_model or fcn_jax.load_weights")
+        return tensors
     return extras.pytorch("io", f"reading {path.name}").load_file(path)
 
 
@@ -198,31 +164,22 @@ def _read_file(path: Path) -> Mapping:
 # Inspecting and loading
 
 
-PAPER_HEADS = {"upscore8.weight": "fcn8s_paper (or fcn8s_atonce_paper)", "upscore16.weight": "fcn16s_paper",
-               "upscore.weight": "fcn32s_paper"}
+def vgg_features_config(sd: Mapping[str, np.ndarray], prefix: str) -> dict:
+    """``backbone`` and ``batch_norm`` of torchvision's VGG ``features`` under ``prefix``."""
+    feats = {k: v for k, v in sd.items() if k.startswith(prefix)}
+    n_convs = sum(1 for k, v in feats.items() if k.endswith(".weight") and v.ndim == 4)
+    return {"backbone": VGG_DEPTHS.get(n_convs), "batch_norm": any(k.endswith(".running_mean") for k in feats)}
 
 
 def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
-    """What a torch state_dict holds: ``layout`` ("fcn" for the tutorial's FCN, "paper" for the paper's, "vgg"
-    for torchvision's VGG), ``backbone``, ``batch_norm`` and, for a whole FCN, ``num_classes``. The tutorial's
-    FCN arch cannot be told from the weights (all four decoders have the same layers); the paper's can
-    (``arch``), except FCN-8s from FCN-8s at-once."""
-    if "conv1_1.weight" in sd:
-        n_convs = sum(1 for k in sd if re.fullmatch(r"conv\d+_\d+\.weight", k))
-        cfg = {"layout": "paper", "backbone": VGG_DEPTHS.get(n_convs), "batch_norm": False,
-               "arch": next((arch for key, arch in PAPER_HEADS.items() if key in sd), None)}
-        if "score_fr.weight" in sd:
-            cfg["num_classes"] = int(sd["score_fr.weight"].shape[0])
-        return cfg
-    layout = "fcn" if any(k.startswith("pretrained_net.") for k in sd) else "vgg"
-    prefix = "pretrained_net.features." if layout == "fcn" else "features."
-    feats = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    n_convs = sum(1 for k, v in feats.items() if k.endswith(".weight") and v.ndim == 4)
-    cfg = {"layout": layout, "backbone": VGG_DEPTHS.get(n_convs),
-           "batch_norm": any(k.endswith(".running_mean") for k in feats)}
-    if layout == "fcn" and "classifier.weight" in sd and sd["classifier.weight"].ndim == 4:
-        cfg["num_classes"] = int(sd["classifier.weight"].shape[0])
-    return cfg
+    """What a torch state_dict holds: ``layout`` (the one a registered family recognises, e.g. "fcn" for the
+    tutorial's FCN, "paper" for the paper's; else "vgg", torchvision's VGG), ``backbone``, ``batch_norm`` and,
+    for a whole network, ``num_classes`` (and ``arch`` where the weights can tell)."""
+    for family in registry.FAMILIES.values():
+        found = registry.torch_layout(family).recognize(sd)
+        if found is not None:
+            return found
+    return {"layout": "vgg", **vgg_features_config(sd, "features.")}
 
 
 def _config_hints(found: dict, model) -> list[str]:
@@ -254,7 +211,7 @@ class LoadReport:
     notes: list[str]
 
 
-def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = True) -> LoadReport:
+def load_torch_state_dict(model: Segmenter | VGGBackbone, source, *, strict: bool = True) -> LoadReport:
     """Copy PyTorch weights into ``model`` (an FCN or ``model.backbone``), in place.
 
     ``source``: a state_dict (torch tensors or numpy arrays), an ``nn.Module``, or a path (``.pth``,
@@ -280,33 +237,12 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
                          "does not use")
             ignored += fully_connected
             sd = {k: v for k, v in sd.items() if k not in fully_connected}
-    elif isinstance(model, PaperFCN):
-        if found["layout"] == "fcn":
-            raise WeightsError("this is the tutorial FCN's layout (pretrained_net.features.N, deconvK, bnK), not the "
-                               "paper's: build fcn32s, fcn16s, fcn8s or fcns (e.g. create_model('fcn8s', ...))")
-        if found["layout"] == "vgg":  # an ImageNet VGG: the shared trunk only
-            sd, ignored, notes = trunk_from_torchvision(sd, model)
-            layers = _paper_trunk(model)
-    elif isinstance(model, Heatmap):
-        if found["layout"] != "vgg":
-            raise WeightsError("the heatmap model loads torchvision's whole VGG state_dict (features.N.*, "
-                               "classifier.0/3/6.*); this one is an FCN's")
-    elif found["layout"] == "paper":
-        raise WeightsError(f"this is the paper's FCN layout (conv1_1, fc6, score_fr, upscore...): build "
-                           f"{found['arch'] or 'fcn32s_paper, fcn16s_paper or fcn8s_paper'} instead "
-                           f"(e.g. create_model('{(found['arch'] or 'fcn8s_paper').split()[0]}', ...))")
-    elif found["layout"] == "vgg" and any(k.startswith("features.") for k in sd):
-        raise WeightsError("this is a backbone-only (torchvision VGG) state_dict, not a whole FCN: load it "
-                           "into the backbone with fcn_jax.load_torch_state_dict(model.backbone, ...)")
+    else:
+        sd, ignored, notes, layers = family_layout(model).adapt(model, sd, found)
 
     entries = {key: (field, var) for key, field, var in torch_entries(model, layers)}
-    missing = [(k, field.torch_shape(var.shape)) for k, (field, var) in entries.items() if k not in sd]
-    unexpected = [(k, v.shape) for k, v in sd.items() if k not in entries] if strict else []
-    misshaped = [(k, field.torch_shape(var.shape), sd[k].shape) for k, (field, var) in entries.items()
-                 if k in sd and sd[k].shape != field.torch_shape(var.shape)]
-    if missing or unexpected or misshaped:
-        raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped,
-                                                _config_hints(found, model)))
+    check_keys(model.describe(), {k: field.torch_shape(var.shape) for k, (field, var) in entries.items()},
+               {k: v.shape for k, v in sd.items()}, _config_hints(found, model), strict=strict)
     check_values(source if isinstance(source, (str, os.PathLike)) else "the state_dict",
                  {k: (sd[k], jnp.issubdtype(var.dtype, jnp.floating)) for k, (_, var) in entries.items()})
     for key, (field, var) in entries.items():
@@ -319,31 +255,7 @@ def load_torch_state_dict(model: FCN | VGGBackbone, source, *, strict: bool = Tr
     return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
 
 
-def trunk_from_torchvision(sd: dict, model: PaperFCN) -> tuple[dict, list[str], list[str]]:
-    """torchvision's VGG keys renamed to the paper's (``features.N`` -> ``convB_L``, ``classifier.0/3`` -> ``fc6``/
-    ``fc7``, reshaped to convolutions); ``(state_dict, ignored keys, notes)``. Keys that do not map stay as they
-    are, so that a VGG of another depth is reported as such."""
-    renamed, used = {}, set()
-    layers = zip(conv_names(model.backbone.name), torch_feature_indices(model.backbone.name, False), strict=True)
-    for name, (index, _) in layers:
-        for t in ("weight", "bias"):
-            if f"features.{index}.{t}" in sd:
-                renamed[f"{name}.{t}"] = sd[f"features.{index}.{t}"]
-                used.add(f"features.{index}.{t}")
-    for i, (name, shape) in {0: ("fc6", (4096, 512, 7, 7)), 3: ("fc7", (4096, 4096, 1, 1))}.items():
-        for t in ("weight", "bias"):
-            if (a := sd.get(f"classifier.{i}.{t}")) is not None:
-                renamed[f"{name}.{t}"] = a.reshape(shape) if t == "weight" and a.size == np.prod(shape) else a
-                used.add(f"classifier.{i}.{t}")
-    ignored = [k for k in ("classifier.6.weight", "classifier.6.bias") if k in sd]
-    renamed.update({k: v for k, v in sd.items() if k not in used and k not in ignored})
-    notes = [f"loaded the VGG trunk (convolutions, fc6 and fc7 as convolutions); {model.arch}'s score and "
-             f"upsampling layers keep their initial values" + ("; ImageNet's fc8 (classifier.6) is not used"
-                                                                if ignored else "")]
-    return renamed, ignored, notes
-
-
-def to_torch_state_dict(model: FCN | VGGBackbone, *, as_torch: bool = False) -> dict:
+def to_torch_state_dict(model: Segmenter | VGGBackbone, *, as_torch: bool = False) -> dict:
     """The torch state_dict of ``model``: the reference FCN layout for an FCN, torchvision's
     ``features.N.*`` for a backbone. Values are numpy arrays (``num_batches_tracked`` int64, as
     torch keeps it); ``as_torch=True`` gives torch tensors, ready for

@@ -18,19 +18,18 @@ import numpy as np
 from flax import nnx
 
 from fcn_jax.atomic_files import atomic_target
-from fcn_jax.conversion import describe
-from fcn_jax.errors import WeightsError, check_values, key_problems_message
-from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model
-from fcn_jax.sharding import host_array
+from fcn_jax.devices import host_array
+from fcn_jax.errors import WeightsError, check_keys, check_values
+from fcn_jax.models import Segmenter, VGGBackbone, create_model
 
 FORMAT = "fcn-jax/1"
+NOT_ARCHITECTURE = ("model", "normalization", "class_names", "palette")  # metadata beside the model's config
 
 
-def model_config(model: FCN | VGGBackbone) -> dict:
+def model_config(model: Segmenter | VGGBackbone) -> dict:
     """The constructor arguments that rebuild ``model``'s architecture."""
-    if isinstance(model, (FCN, PaperFCN, Heatmap)):
-        return {"model": "fcn", "arch": model.arch, "backbone": model.backbone.name,
-                "batch_norm": model.backbone.batch_norm, "num_classes": model.num_classes}
+    if isinstance(model, Segmenter):
+        return {"model": "fcn", **model.config()}
     if isinstance(model, VGGBackbone):
         return {"model": "vgg", "backbone": model.name, "batch_norm": model.batch_norm}
     raise TypeError(f"expected an fcn_jax FCN or VGGBackbone, got {type(model).__name__}")
@@ -41,7 +40,7 @@ def flat_variables(model) -> dict[str, nnx.Variable]:
     return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
-def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None,
+def save_weights(model: Segmenter | VGGBackbone, path: str | os.PathLike, *, class_names=None, palette=None,
                  normalization: str | None = None) -> Path:
     """Write ``model``'s parameters and BatchNorm statistics to a ``.safetensors`` file; optionally
     the dataset's class names and colours, which ``fcn-jax predict`` uses for its pictures, and the input
@@ -51,7 +50,8 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
     path = Path(path)
     if path.suffix != ".safetensors":
         raise WeightsError(f"weights are saved as .safetensors, got {path.name!r}")
-    meta = {"format": FORMAT, **{k: str(v) for k, v in model_config(model).items()}}
+    config = model_config(model)
+    meta = {"format": FORMAT, **{k: str(v) for k, v in config.items()}, "config": json.dumps(config)}
     if class_names is not None:
         meta["class_names"] = json.dumps(list(class_names))
     if palette is not None:
@@ -64,7 +64,9 @@ def save_weights(model: FCN | VGGBackbone, path: str | os.PathLike, *, class_nam
     return path
 
 
-def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, np.ndarray]]:
+def read_safetensors(path: str | os.PathLike, with_tensors: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(metadata, tensors)`` of any ``.safetensors`` file (fcn-jax's or a torch-layout one); a missing,
+    truncated or foreign file (a ``.pth`` given by mistake) is a WeightsError that says what to do."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -79,7 +81,12 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
             raise WeightsError(f"{path} is a PyTorch file, not fcn-jax weights: convert it first with `fcn-jax "
                                f"convert --input {path} --arch ARCH --output {path.stem}.safetensors`") from e
         raise WeightsError(f"could not read {path} as safetensors ({e}); the file is truncated or not a "
-                           f"safetensors file: save or convert it again") from e
+                           f"safetensors file: save, convert or download it again") from e
+    return meta, tensors
+
+
+def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    meta, tensors = read_safetensors(path, with_tensors)
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{path} is not an fcn-jax weights file (metadata format {meta.get('format')!r}, "
                            f"expected {FORMAT!r}); for PyTorch weights use fcn_jax.load_torch_state_dict or "
@@ -87,7 +94,12 @@ def _read(path: str | os.PathLike, with_tensors: bool) -> tuple[dict, dict[str, 
     config = {"model": meta.get("model", "fcn"), "backbone": meta.get("backbone"),
               "batch_norm": meta.get("batch_norm") == "True"}
     damaged = "the file was edited or damaged: save or convert the weights again"
-    if config["model"] == "fcn":
+    if config["model"] == "fcn" and "config" in meta:  # the model's whole config (files since 0.1.0's families)
+        try:
+            config.update(json.loads(meta["config"]))
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: its metadata 'config' is not JSON ({e}); {damaged}") from None
+    elif config["model"] == "fcn":
         try:
             config.update(arch=meta.get("arch"), num_classes=int(meta.get("num_classes", 0)))
         except ValueError:
@@ -121,7 +133,7 @@ def read_weights_config(path: str | os.PathLike) -> dict:
     return _read(path, with_tensors=False)[0]
 
 
-def load_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> dict:
+def load_weights(model: Segmenter | VGGBackbone, path: str | os.PathLike) -> dict:
     """Copy an fcn-jax weights file into ``model`` in place; returns the file's config.
 
     A backbone loads from a backbone file or from the backbone part of a whole-FCN file. Nothing is
@@ -134,20 +146,16 @@ def load_weights(model: FCN | VGGBackbone, path: str | os.PathLike) -> dict:
 def _copy_into(model, config: dict, tensors: dict, path) -> None:
     if isinstance(model, VGGBackbone) and config["model"] == "fcn":
         tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    elif isinstance(model, (FCN, PaperFCN, Heatmap)) and config["model"] == "vgg":
+    elif isinstance(model, Segmenter) and config["model"] == "vgg":
         raise WeightsError(f"{path} holds a bare {config['backbone']} backbone: load it with "
                            f"fcn_jax.load_weights(model.backbone, path)")
     want = flat_variables(model)
-    missing = [(k, v.shape) for k, v in want.items() if k not in tensors]
-    unexpected = [(k, v.shape) for k, v in tensors.items() if k not in want]
-    misshaped = [(k, v.shape, tensors[k].shape) for k, v in want.items()
-                 if k in tensors and tensors[k].shape != v.shape]
-    if missing or unexpected or misshaped:
-        mine = model_config(model)
-        hints = [f"the file was saved from a model with {key}={config[key]!r}, this model has {mine[key]!r}"
-                 for key in ("backbone", "batch_norm", "num_classes") if key in mine and key in config
-                 and config[key] != mine[key]]
-        raise WeightsError(key_problems_message(describe(model), missing, unexpected, misshaped, hints))
+    mine = model_config(model)
+    hints = [f"the file was saved from a model with {key}={config[key]!r}, this model has {mine[key]!r}"
+             for key in ("backbone", "batch_norm", "num_classes") if key in mine and key in config
+             and config[key] != mine[key]]
+    check_keys(model.describe(), {k: v.shape for k, v in want.items()}, {k: v.shape for k, v in tensors.items()},
+               hints)
     check_values(path, {k: (tensors[k], jnp.issubdtype(var.dtype, jnp.floating)) for k, var in want.items()})
     for k, var in want.items():
         var.set_value(jnp.asarray(tensors[k], dtype=var.dtype))
@@ -163,7 +171,7 @@ def load_matching(model, path: str | os.PathLike) -> tuple[list[str], list[str]]
     copied = [k for k, var in want.items() if k in tensors and tensors[k].shape == var.shape]
     if not copied:
         raise WeightsError(f"{path} ({config.get('arch') or config['model']}, {config['backbone']}) has no variable of "
-                           f"the same name and shape as {describe(model)}'s")
+                           f"the same name and shape as {model.describe()}'s")
     check_values(path, {k: (tensors[k], jnp.issubdtype(want[k].dtype, jnp.floating)) for k in copied})
     for k in copied:
         want[k].set_value(jnp.asarray(tensors[k], dtype=want[k].dtype))
@@ -171,7 +179,7 @@ def load_matching(model, path: str | os.PathLike) -> tuple[list[str], list[str]]
 
 
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               precision=None) -> FCN | VGGBackbone:
+               precision=None) -> Segmenter | VGGBackbone:
     """Rebuild the model saved by :func:`save_weights` (architecture from the file's metadata).
 
     Returns it in eval mode, ready for inference; call ``model.train()`` to fine-tune."""
@@ -181,8 +189,7 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
     def architecture():
         if config["model"] == "vgg":
             return VGGBackbone(config["backbone"], batch_norm=config["batch_norm"], rngs=nnx.Rngs(0), **kwargs)
-        return create_model(config["arch"], num_classes=config["num_classes"], backbone=config["backbone"],
-                            batch_norm=config["batch_norm"], **kwargs)
+        return create_model(**{k: v for k, v in config.items() if k not in NOT_ARCHITECTURE}, **kwargs)
 
     # Shapes only (no random initialisation, which for VGG16 takes seconds); every variable comes from the file.
     model = nnx.eval_shape(architecture)

@@ -71,7 +71,7 @@ class Conv2d(nnx.Module):
 
 def known_sizes(*sizes) -> bool:
     """True when every size is a number, False when one is symbolic (a program exported for any size, see
-    :mod:`fcn_jax.deploy`): the CPU workarounds that depend on a size are then left out."""
+    :mod:`fcn_jax.deploy.exporting`): the CPU workarounds that depend on a size are then left out."""
     return all(isinstance(s, int) for s in sizes)
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from flax import nnx
 
-from fcn_jax import extras
+from fcn_jax import extras, registry
 from fcn_jax.atomic_files import refuse_overwriting
-from fcn_jax.conversion import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
 from fcn_jax.errors import ConfigError
-from fcn_jax.models import ARCHS, Heatmap, PaperFCN, VGGBackbone, create_model
+from fcn_jax.models import Heatmap, PaperFCN, VGGBackbone, create_model
 from fcn_jax.notes import note
-from fcn_jax.weights import load_model, save_weights
+from fcn_jax.weights.native import load_model, save_weights
+from fcn_jax.weights.torch_layout import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
 
 TOLERANCE = 1e-5  # eval-mode max |jax - torch| / max |torch| that --verify accepts (fp32)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -65,7 +65,8 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
         raise ConfigError("could not tell the VGG depth from the weights' conv layers; pass --backbone")
     batch_norm = found["batch_norm"] if batch_norm is None else batch_norm
     if found["layout"] == "fcn" and arch is None:
-        raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({', '.join(ARCHS)}); the four "
+        tutorial = ", ".join(registry.archs(family="tutorial"))
+        raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({tutorial}); the four "
                           f"decoders have the same layers, so the weights cannot tell which one it is")
     if found["layout"] == "paper" and arch is None:
         if found["arch"] is None or " " in found["arch"]:

@@ -20,15 +20,16 @@ from tqdm.auto import tqdm
 from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data.files import read_image
 from fcn_jax.data.folder import IMAGE_SUFFIXES
+from fcn_jax.data.palettes import voc_palette
 from fcn_jax.data.pipeline import EvalBatches
 from fcn_jax.data.workers import SampleWorkers, default_workers
-from fcn_jax.drawing import blend, colorize, picture, voc_palette
+from fcn_jax.devices import DATA_AXIS, device_batch_size, make_mesh, replicate_state, shard_batch
 from fcn_jax.errors import ConfigError, DatasetError, InputError
+from fcn_jax.inference.drawing import blend, colorize, picture
+from fcn_jax.inference.runs import input_normalization, resolve_weights
 from fcn_jax.models import forward
-from fcn_jax.modes import in_mode
-from fcn_jax.runs import input_normalization, resolve_weights
-from fcn_jax.sharding import DATA_AXIS, device_batch_size, make_mesh, replicate_state, shard_batch
-from fcn_jax.weights import load_model, read_weights_config
+from fcn_jax.models.modes import in_mode
+from fcn_jax.weights.native import load_model, read_weights_config
 
 
 def _read_image_or_error(path: Path) -> tuple[np.ndarray | None, str | None]:
@@ -129,7 +130,7 @@ def predict(model, images, *, normalization: str = "imagenet", batch_size: int =
     has left is refused before any work, with the ``max_side`` that fits; ``names`` label the images in it."""
     if jax.process_count() > 1:
         raise ConfigError("predict runs on one host; use evaluate for multi-host runs")
-    if not hasattr(model, "size_multiple"):
+    if not getattr(model, "segmenter", False):  # a Segmenter that gives per-pixel logits
         raise ConfigError(f"predict segments images; a {type(model).__name__} model is not a segmenter (the heatmap "
                           f"model gives ImageNet class maps: call it on the images)")
     if max_side is not None and max_side < 1:

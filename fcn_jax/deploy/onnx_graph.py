@@ -13,17 +13,18 @@ Inputs and outputs (eval mode; dropout and BatchNorm statistics as in ``model.ev
 - with preprocessing: ``images`` uint8 ``(N, H, W, 3)`` RGB, as decoded -> ``classes`` int64 ``(N, H, W)``
   (and ``scores``, float32 ``(N, H, W, num_classes)`` softmax probabilities, if asked: channels last like the
   input and the classes, and like the StableHLO export). The normalisation is
-  the exact per-channel table training uses (:func:`fcn_jax.device_input.normalization_table`).
+  the exact per-channel table training uses (:func:`fcn_jax.data.normalization.normalization_table`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fcn_jax.device_input import normalization_table
-from fcn_jax.layers import BatchNorm2d, Conv2d, ConvTranspose2d
+from fcn_jax.data.normalization import normalization_table
+from fcn_jax.errors import ConfigError
 from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone
 from fcn_jax.models.fcn import STRIDE
+from fcn_jax.models.layers import BatchNorm2d, Conv2d, ConvTranspose2d
 
 OPSET = 17  # onnxruntime 1.14+ and every current runtime run it
 
@@ -157,7 +158,7 @@ class _Graph:
 
     def preprocess(self, pixels: str, normalization: str) -> str:
         """uint8 NHWC RGB -> float32 NCHW network input, through the training pipeline's exact table."""
-        from fcn_jax.data.pipeline import BGR_MODES
+        from fcn_jax.data.normalization import BGR_MODES
 
         index = self.op("Cast", [pixels], "pixels.int64", to=self.helper.np_dtype_to_tensor_dtype(np.dtype("int64")))
         if normalization in BGR_MODES:
@@ -180,12 +181,11 @@ def onnx_model(model, *, with_preprocessing: bool = False, normalization: str = 
     else:
         inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])]
         network_input = "images"
-    if isinstance(model, FCN):
-        logits = g.tutorial_fcn(network_input, model)
-    elif isinstance(model, PaperFCN):
-        logits = g.paper_fcn(network_input, model)
-    else:
-        logits = g.heatmap(network_input, model)
+    writers = {"tutorial": g.tutorial_fcn, "paper": g.paper_fcn, "heatmap": g.heatmap}  # by registry family
+    if model.family not in writers:
+        raise ConfigError(f"ONNX export covers the {', '.join(writers)} families, not {model.family} "
+                          f"({model.arch}): export it with --format stablehlo")
+    logits = writers[model.family](network_input, model)
     classes = model.num_classes
     if with_preprocessing:
         outputs = [helper.make_tensor_value_info(g.op("ArgMax", [logits], "classes", axis=1, keepdims=0),

@@ -17,18 +17,18 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from fcn_jax import runs
 from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.data import get_dataset
 from fcn_jax.data.pipeline import EvalBatches
-from fcn_jax.drawing import plot_confusion
+from fcn_jax.devices import device_batch_size, host_array, make_mesh, replicate_state, shard_batch
 from fcn_jax.errors import ConfigError
-from fcn_jax.metrics import confusion_matrix, metrics_table, segmentation_metrics
+from fcn_jax.inference import runs
+from fcn_jax.inference.drawing import plot_confusion
+from fcn_jax.inference.metrics import confusion_matrix, metrics_table, segmentation_metrics
+from fcn_jax.inference.runs import input_normalization, resolve_weights
 from fcn_jax.models import forward
-from fcn_jax.modes import in_mode
-from fcn_jax.runs import input_normalization, resolve_weights
-from fcn_jax.sharding import device_batch_size, make_mesh, replicate_state, shard_batch
-from fcn_jax.weights import load_model, read_weights_config
+from fcn_jax.models.modes import in_mode
+from fcn_jax.weights.native import load_model, read_weights_config
 
 
 @nnx.jit(static_argnames=("num_classes", "ignore_index"))
@@ -49,7 +49,7 @@ def confusion_over(model, batches, mesh, num_classes: int, ignore_index: int, pr
             conf = conf + eval_step(model, batch["image"], batch["label"], num_classes, ignore_index, batch["size"])
             if progress is not None:
                 progress.update(1)
-    return np.asarray(conf.addressable_data(0))  # replicated: every process holds the whole matrix
+    return host_array(conf)  # replicated: every process holds the whole matrix
 
 
 def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = "imagenet", workers: int | None = 0,
@@ -57,7 +57,7 @@ def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = 
     """``(metrics, confusion matrix)`` of ``model`` (in eval mode) over all of ``dataset``. ``batch_size`` 0:
     one image per device; ``workers``: processes that read the samples (see :class:`fcn_jax.data.Loader`; 0:
     this one). The model's state is replicated over the devices and its mode left as it was."""
-    if not hasattr(model, "size_multiple"):
+    if not getattr(model, "segmenter", False):  # a Segmenter that gives per-pixel logits
         raise ConfigError(f"evaluate measures segmentation; a {type(model).__name__} model is not a segmenter")
     if model.num_classes != dataset.num_classes:
         raise ConfigError(f"the model predicts {model.num_classes} classes but the dataset has {dataset.num_classes}")
