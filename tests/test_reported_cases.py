@@ -37,7 +37,7 @@ def narrow_paper_nets(monkeypatch):
     for arch in (*PAPER_ARCHS, "heatmap"):
         cls = MODELS[arch]
         narrow = type(cls.__name__, (cls,), {"__init__": functools.partialmethod(cls.__init__, fc_width=NARROW)})
-        monkeypatch.setitem(MODELS, arch, narrow)
+        monkeypatch.setitem(registry.family_of(arch).archs, arch, narrow)
 
 
 def _paper_file(path: Path, arch: str, seed: int, num_classes: int = 21) -> Path:

@@ -51,6 +51,8 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
     run_dir = Path(config.run_dir).absolute()
     _check_run_folder(run_dir, config, resume)
     datasets = _datasets(config)
+    if not resume:  # a resumed run's weights come from its checkpoint
+        _check_init_files(config)  # before the workers start
     num_classes = datasets["train"].num_classes
     if config.class_weights is not None and len(config.class_weights) != num_classes:
         raise ConfigError(f"--class-weights has {len(config.class_weights)} values; the dataset has "
@@ -94,8 +96,6 @@ def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
                        f"--resume or choose another --run-dir")
     if config.batch_size % jax.device_count():
         raise ConfigError(f"--batch-size {config.batch_size} must be a multiple of the {jax.device_count()} devices")
-    if not resume:
-        _check_init_files(config)
 
 
 def _datasets(config: TrainConfig) -> dict:

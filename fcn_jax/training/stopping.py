@@ -69,8 +69,8 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self._unraisable_hook is not None:
-            sys.unraisablehook = self._unraisable_hook
+        if self._unraisable_hook is not None and sys.unraisablehook == self._on_unraisable:
+            sys.unraisablehook = self._unraisable_hook  # (a hook installed since, which calls ours, stays)
 
     def steps_begin(self) -> None:
         """The training loop starts: from here on a stop request waits for the step in progress (and after the
