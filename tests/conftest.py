@@ -31,3 +31,18 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(2)
     return torch
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With ``FCN_JAX_TEST_MEMORY=FILE``: each test's process peak memory after it (kB, one line per test,
+    appended), to find a test that takes a worker past the 4 GB budget (`make test-memory`)."""
+    yield
+    report = os.environ.get("FCN_JAX_TEST_MEMORY")
+    if report:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        with open(report, "a") as f:
+            f.write(f"{peak}\t{children}\t{os.getpid()}\t{item.nodeid}\n")

@@ -16,12 +16,13 @@ import fcn_jax.errors as errors
 from fcn_jax.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-# What library code may raise besides FcnJaxError subclasses: misuse of the Python API by code (TypeError),
-# sequence protocol (IndexError), abstract methods, internal consistency checks, argparse's own bad-value
-# error (argparse prints it and exits 2) and ImportError from importing fcn_jax.pytorch without torch.
-# AttributeError: what a module-level __getattr__ must raise for an unknown name (fcn_jax/__init__.py)
-ALLOWED = {"TypeError", "IndexError", "NotImplementedError", "AssertionError", "ArgumentTypeError", "ImportError",
-           "AttributeError"}
+# What library code may raise besides FcnJaxError subclasses: misuse of the Python API by code (TypeError), the
+# sequence and mapping protocols (IndexError; KeyError from fcn_jax.models.MODELS[arch]), abstract methods,
+# internal consistency checks, argparse's own bad-value error (argparse prints it and exits 2) and ImportError
+# from importing fcn_jax.pytorch without torch. AttributeError: what a module-level __getattr__ must raise for an
+# unknown name (fcn_jax/__init__.py)
+ALLOWED = {"TypeError", "IndexError", "KeyError", "NotImplementedError", "AssertionError", "ArgumentTypeError",
+           "ImportError", "AttributeError"}
 
 
 def _all_subclasses(cls):

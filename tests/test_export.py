@@ -72,7 +72,7 @@ def test_onnx_every_depth(backbone, batch_norm):
 
 @SLOW
 def test_the_heatmap_exports_to_both_formats():
-    model = fcn_jax.create_model("heatmap", num_classes=5, backbone="vgg11")
+    model = fcn_jax.create_model("heatmap", num_classes=5, backbone="vgg11", fc_width=NARROW)  # 4096: 5.5 GB
     model.eval()
     for fmt in ("onnx", "stablehlo"):
         _assert_verified(model, fmt)
@@ -175,10 +175,11 @@ def test_bad_export_options_are_one_clear_error(options, message):
 def test_bad_export_inputs_at_the_command_line(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    fcn_jax.save_weights(fcn_jax.create_model("heatmap", num_classes=2, backbone="vgg11"), tmp_path / "h.safetensors")
+    fcn_jax.save_weights(fcn_jax.create_model("heatmap", num_classes=2, backbone="vgg11", fc_width=NARROW),
+                         tmp_path / "h.safetensors")
     assert main(["export", str(tmp_path / "h.safetensors"), "--format", "stablehlo", "--size", "100x100",
                  "--output", str(tmp_path / "h.jaxexport")]) == 2
-    assert "the heatmap needs at least 224x224" in capsys.readouterr().err
+    assert "--size 100x100 is too small: heatmap takes at least 224x224" in capsys.readouterr().err
     fcn_jax.save_weights(fcn_jax.create_model("fcn8s", backbone="vgg11").backbone, tmp_path / "b.safetensors")
     assert main(["export", str(tmp_path / "b.safetensors"), "--format", "stablehlo", "--output",
                  str(tmp_path / "b.jaxexport")]) == 2

@@ -124,14 +124,19 @@ def test_float64_gradients_match(torch):
 def test_published_weights_load_bare_and_wrapped_and_convert_back_exactly(torch, tmp_path):
     from fcn_jax.pytorch.paper_reference import build_paper_model
 
-    state = build_paper_model("fcn8s_paper", 21, "vgg11").state_dict()
+    state = build_paper_model("fcn8s_paper", 21, "vgg11").state_dict()  # 4096 wide, as published
     torch.save({"model_state_dict": state}, tmp_path / "wrapped.pth")
-    model = fcn_jax.create_model("fcn8s_paper", num_classes=21, backbone="vgg11")
+
+    def shapes_only():  # every variable is loaded: no random start (a full-width one is 0.5 GB more)
+        return nnx.eval_shape(lambda: fcn_jax.create_model("fcn8s_paper", num_classes=21, backbone="vgg11"))
+
+    model = shapes_only()
     fcn_jax.load_torch_state_dict(model, tmp_path / "wrapped.pth")
     back = fcn_jax.to_torch_state_dict(model)
     assert set(back) == set(state)
     assert all(np.array_equal(back[k], v.numpy()) for k, v in state.items())
-    again = fcn_jax.create_model("fcn8s_paper", num_classes=21, backbone="vgg11", seed=1)
+    del state
+    again = shapes_only()
     fcn_jax.load_torch_state_dict(again, back)  # the bare state_dict
     assert np.array_equal(again.upscore8.kernel[...], model.upscore8.kernel[...])
 
