@@ -22,6 +22,7 @@ _HOMES = {
     "fcn_jax.models.summary": ("summary",),
     "fcn_jax.weights.native": ("load_model", "load_weights", "save_weights"),
     "fcn_jax.xla_flags": ("use_fast_cpu_convolutions",),
+    "fcn_jax.caches": ("use_compile_cache",),
 }
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 

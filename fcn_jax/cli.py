@@ -11,6 +11,7 @@ import contextlib
 import sys
 
 from fcn_jax import extras, registry
+from fcn_jax.caches import use_compile_cache
 from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
 from fcn_jax.data import DATASETS
 from fcn_jax.errors import ConfigError, FcnJaxError
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not getattr(args, "float64", False):  # the flag slows float64 convolutions down: see fcn_jax/xla_flags.py
         use_fast_cpu_convolutions()  # before anything starts JAX's backend
+    use_compile_cache()  # a second start loads its programs: see fcn_jax/caches.py
     try:
         return args.func(args)
     except FcnJaxError as e:

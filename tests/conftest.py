@@ -5,15 +5,35 @@ The tests run with XLA's default flags, in-process and in the subprocesses they 
 (fcn_jax/xla_flags.py; tests/test_xla_flags.py checks the flag itself, in subprocesses without the
 setting).
 Without the flag the float64 checks run 2-5x faster (float64 convolutions are slow on XLA's Eigen path).
+
+A run shares one compilation cache between its workers and the commands they start (fcn_jax/caches.py):
+most of the suite's time is compiling the same few models, in-process and in ``fcn-jax`` subprocesses.
+The cache and the run's other cached files (``$FCN_JAX_CACHE``) go to a temporary folder made by the first
+process (the xdist controller, whose environment the workers inherit) and removed when it ends, so every
+run starts cold and nothing lands in the user's own cache.
 """
 
 import gc
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
+from fcn_jax.caches import use_compile_cache
+
 os.environ.setdefault("FCN_JAX_XLA_DEFAULTS", "0")
+_OWN_CACHE = None
+if "FCN_JAX_TEST_CACHE" not in os.environ:
+    _OWN_CACHE = os.environ["FCN_JAX_TEST_CACHE"] = os.environ["FCN_JAX_CACHE"] = tempfile.mkdtemp(
+        prefix="fcn-jax-test-cache-")
+use_compile_cache()
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -36,7 +56,7 @@ def torch():
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """With ``FCN_JAX_TEST_MEMORY=FILE``: each test's process peak memory after it (kB, one line per test,
-    appended), to find a test that takes a worker past the 4 GB budget (`make test-memory`)."""
+    appended), to find a test that takes a worker past the 4 GB budget."""
     yield
     report = os.environ.get("FCN_JAX_TEST_MEMORY")
     if report:

@@ -17,13 +17,13 @@ image in sorted order, ``train`` the rest, ``all`` everything.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from fcn_jax.atomic_files import atomic_target
+from fcn_jax.caches import cache_root
 from fcn_jax.data.files import SegmentationFiles, open_image, read_index_png
 from fcn_jax.errors import DatasetError
 
@@ -77,10 +77,6 @@ class ColourDecoder:
         with atomic_target(cached) as tmp:
             Image.fromarray(label).save(tmp, format="PNG")
         return label.astype(np.int64)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FCN_JAX_CACHE", Path.home() / ".cache" / "fcn_jax"))
 
 
 def camvid_dataset(root: str | Path, split: str, *, skip_bad: bool = False) -> SegmentationFiles:

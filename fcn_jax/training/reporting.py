@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 
@@ -11,8 +12,7 @@ class MetricsLog:
     """Appends one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path):
-        from tensorboardX import SummaryWriter
-
+        SummaryWriter = _summary_writer_class()
         self.path = run_dir / "metrics.jsonl"
         self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -30,3 +30,18 @@ class MetricsLog:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch: its package imports torch where installed (3 s
+    of every training start) only to accept torch tensors, and this log writes Python floats. A ``None`` in
+    ``sys.modules`` makes that import fail for the moment, as if torch were absent."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
