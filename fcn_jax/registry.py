@@ -99,3 +99,7 @@ register(Family(
     "heatmap", "the convolutionalized ImageNet classifier: class scores per 32-pixel step",
     {"heatmap": "fcn_jax.models.paper:Heatmap"}, ("vgg11", "vgg13", "vgg16", "vgg19"),
     "fcn_jax.weights.paper_layout", segmenters=False))
+register(Family(
+    "resnet", "torchvision's FCN-ResNets: dilated ResNet v1.5 (output stride 8), FCNHead, optional aux head",
+    {"fcn_resnet50": "fcn_jax.models.resnet:FCNResNet50", "fcn_resnet101": "fcn_jax.models.resnet:FCNResNet101"},
+    ("resnet50", "resnet101"), "fcn_jax.weights.resnet_layout"))

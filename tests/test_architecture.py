@@ -142,7 +142,7 @@ def test_the_command_lines_choices_are_what_the_library_implements():
     from fcn_jax.models import CFGS, MODELS
     from fcn_jax.training import losses, optim
 
-    assert tuple(MODELS) == registry.archs() and tuple(CFGS) == registry.backbones()
+    assert tuple(MODELS) == registry.archs() and tuple(CFGS) == registry.family_of("fcn8s").backbones
     for arch in registry.archs():
         assert MODELS[arch].arch == arch and MODELS[arch].family == registry.family_of(arch).name
     for name in choices.LOSSES:

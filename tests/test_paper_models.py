@@ -144,10 +144,10 @@ def test_published_weights_load_bare_and_wrapped_and_convert_back_exactly(torch,
 def test_a_layout_given_to_the_other_family_names_the_right_arch():
     paper = {"conv1_1.weight": np.zeros(1), "score_fr.weight": np.zeros((21, 1, 1, 1)), "upscore16.weight": 0}
     tutorial = {"pretrained_net.features.0.weight": np.zeros(1), "classifier.weight": np.zeros((21, 1, 1, 1))}
-    with pytest.raises(WeightsError, match=r"the paper's FCN layout .* build fcn16s_paper"):
+    with pytest.raises(WeightsError, match=r"layout of the paper's FCNs.* build fcn16s_paper instead"):
         fcn_jax.load_torch_state_dict(nnx.eval_shape(lambda: fcn_jax.create_model("fcn16s", backbone="vgg11")),
                                       {k: np.asarray(v) for k, v in paper.items()})
-    with pytest.raises(WeightsError, match=r"tutorial FCN's layout .* build fcn32s, fcn16s, fcn8s or fcns"):
+    with pytest.raises(WeightsError, match=r"layout of the tutorial's FCNs.* build fcn32s, fcn16s, fcn8s or fcns instead"):
         fcn_jax.load_torch_state_dict(
             nnx.eval_shape(lambda: fcn_jax.create_model("fcn16s_paper", backbone="vgg11")), tutorial)
 

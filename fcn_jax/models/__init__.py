@@ -43,18 +43,21 @@ class _ArchClasses(Mapping):
 MODELS: Mapping[str, type] = _ArchClasses()
 
 
-def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = "vgg16",
-                 batch_norm: bool = False, seed: int = 0, dtype=jnp.float32,
+def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str | None = None,
+                 batch_norm: bool | None = None, seed: int = 0, dtype=jnp.float32,
                  param_dtype=jnp.float32, precision=None, **options) -> Segmenter:
     """Build an FCN with freshly initialised weights.
 
     Args:
       arch: the tutorial's ``fcn32s``, ``fcn16s``, ``fcn8s``, ``fcns``; the paper's ``fcn32s_paper``,
         ``fcn16s_paper``, ``fcn8s_paper``, ``fcn8s_atonce_paper`` (:mod:`fcn_jax.models.paper`; no BatchNorm);
-        ``heatmap``, the convolutionalized ImageNet classifier (``num_classes=1000``).
+        ``heatmap``, the convolutionalized ImageNet classifier (``num_classes=1000``); torchvision's
+        ``fcn_resnet50``, ``fcn_resnet101`` (:mod:`fcn_jax.models.resnet`; ``aux_loss=True`` adds the aux head).
+        ``fcn_jax.registry.archs()`` lists every registered one.
       num_classes: output channels of the logits.
-      backbone: ``vgg11``, ``vgg13``, ``vgg16`` or ``vgg19``.
-      batch_norm: use the ``vgg*_bn`` backbone (conv -> BatchNorm -> ReLU).
+      backbone: ``vgg11``, ``vgg13``, ``vgg16`` (the VGG families' default) or ``vgg19``; the FCN-ResNets'
+        backbone is fixed by the arch.
+      batch_norm: use the ``vgg*_bn`` backbone (conv -> BatchNorm -> ReLU); default False for VGG.
       seed: PRNG seed of the initialisation.
       dtype: compute dtype; ``jnp.bfloat16`` for mixed precision (BatchNorm statistics stay in
         ``param_dtype``). ``jnp.float64`` needs ``jax_enable_x64``.
@@ -71,8 +74,9 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str = 
         if jnp.dtype(dt) == jnp.float64 and not jax.config.jax_enable_x64:
             raise ConfigError(f"{name}=float64 needs 64-bit JAX: run jax.config.update('jax_enable_x64', "
                              f"True) first or use `with jax.enable_x64(True):`")
-    return cls(num_classes, backbone=backbone, batch_norm=batch_norm, dtype=dtype, param_dtype=param_dtype,
-               precision=precision, rngs=nnx.Rngs(seed), **options)
+    given = {k: v for k, v in (("backbone", backbone), ("batch_norm", batch_norm)) if v is not None}
+    return cls(num_classes, **given, dtype=dtype, param_dtype=param_dtype, precision=precision,
+               rngs=nnx.Rngs(seed), **options)
 
 
 def forward(model, images: jax.Array, sizes: jax.Array | None = None) -> jax.Array:

@@ -17,6 +17,8 @@ def _part(name: str) -> str:
         return "fc6-fc8"
     if head.startswith(("score", "upscore")):
         return "head"
+    if head == "aux_classifier":
+        return "aux classifier"
     return "classifier" if head == "classifier" else "backbone"
 
 

@@ -46,7 +46,7 @@ def recognize(sd: Mapping[str, np.ndarray]) -> dict | None:
     if "conv1_1.weight" not in sd:
         return None
     n_convs = sum(1 for k in sd if re.fullmatch(r"conv\d+_\d+\.weight", k))
-    cfg = {"layout": "paper", "backbone": VGG_DEPTHS.get(n_convs), "batch_norm": False,
+    cfg = {"layout": "paper", "family": "paper", "backbone": VGG_DEPTHS.get(n_convs), "batch_norm": False,
            "arch": next((arch for key, arch in PAPER_HEADS.items() if key in sd), None)}
     if "score_fr.weight" in sd:
         cfg["num_classes"] = int(sd["score_fr.weight"].shape[0])
@@ -54,16 +54,12 @@ def recognize(sd: Mapping[str, np.ndarray]) -> dict | None:
 
 
 def adapt(model: PaperFCN | Heatmap, sd: dict, found: dict) -> tuple[dict, list[str], list[str], list[Layer] | None]:
-    """``(state_dict, ignored keys, notes, layers to load)``: a torchvision VGG into a paper net's trunk; another
-    family's layout is an error naming the model to build."""
+    """``(state_dict, ignored keys, notes, layers to load)``: a torchvision VGG into a paper net's trunk."""
     if isinstance(model, Heatmap):
         if found["layout"] != "vgg":
             raise WeightsError("the heatmap model loads torchvision's whole VGG state_dict (features.N.*, "
                                "classifier.0/3/6.*); this one is an FCN's")
         return sd, [], [], None
-    if found["layout"] == "fcn":
-        raise WeightsError("this is the tutorial FCN's layout (pretrained_net.features.N, deconvK, bnK), not the "
-                           "paper's: build fcn32s, fcn16s, fcn8s or fcns (e.g. create_model('fcn8s', ...))")
     if found["layout"] == "vgg":  # an ImageNet VGG: the shared trunk only
         sd, ignored, notes = trunk_from_torchvision(sd, model)
         return sd, ignored, notes, trunk_layers(model)

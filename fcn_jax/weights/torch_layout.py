@@ -57,6 +57,7 @@ class Field:
 LAYER_KINDS: dict[str, tuple[Field, ...]] = {
     "conv": (Field("weight", "kernel", (2, 3, 1, 0)), Field("bias", "bias")),
     "upsampling": (Field("weight", "kernel", (2, 3, 1, 0)),),  # the paper's bias-free ConvTranspose2d
+    "conv_no_bias": (Field("weight", "kernel", (2, 3, 1, 0)),),  # ResNet's convolutions
     "linear": (Field("weight", "kernel", (2, 3, 1, 0), flat=True), Field("bias", "bias")),  # fc as a conv
     "bn": (Field("weight", "scale"), Field("bias", "bias"), Field("running_mean", "mean"),
            Field("running_var", "var"), Field("num_batches_tracked", "num_batches_tracked")),
@@ -74,17 +75,25 @@ class Layer:
 
 def layer_table(model) -> list[Layer]:
     """The torch-module -> Flax-module table of ``model`` (a registered network: its family's table; a bare
-    backbone: torchvision's ``features.N``), in torch's state_dict order."""
-    if isinstance(model, VGGBackbone):
-        return list(backbone_layers(model, "features", ()))
+    backbone: the table of the classifier it comes from, e.g. torchvision's VGG ``features.N``), in torch's
+    state_dict order."""
     if isinstance(model, Segmenter):
         return family_layout(model).layer_table(model)
-    raise TypeError(f"expected an fcn_jax network or VGGBackbone, got {type(model).__name__}")
+    return backbone_layout(model).backbone_table(model)
 
 
 def family_layout(model: Segmenter) -> ModuleType:
     """The torch-layout module of ``model``'s family (:mod:`fcn_jax.registry`)."""
     return registry.torch_layout(registry.FAMILIES[model.family])
+
+
+def backbone_layout(backbone) -> ModuleType:
+    """The layout module that knows ``backbone`` (one with ``backbone_table``) among the families built on it."""
+    for family in registry.FAMILIES.values():
+        layout = registry.torch_layout(family)
+        if getattr(backbone, "name", None) in family.backbones and hasattr(layout, "backbone_table"):
+            return layout
+    raise TypeError(f"expected an fcn_jax network or backbone, got {type(backbone).__name__}")
 
 
 def backbone_layers(backbone: VGGBackbone, prefix: str, path: tuple) -> Iterator[Layer]:
@@ -175,15 +184,15 @@ def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
     """What a torch state_dict holds: ``layout`` (the one a registered family recognises, e.g. "fcn" for the
     tutorial's FCN, "paper" for the paper's; else "vgg", torchvision's VGG), ``backbone``, ``batch_norm`` and,
     for a whole network, ``num_classes`` (and ``arch`` where the weights can tell)."""
-    for family in registry.FAMILIES.values():
-        found = registry.torch_layout(family).recognize(sd)
+    for layout in dict.fromkeys(registry.torch_layout(family) for family in registry.FAMILIES.values()):
+        found = layout.recognize(sd)
         if found is not None:
             return found
     return {"layout": "vgg", **vgg_features_config(sd, "features.")}
 
 
 def _config_hints(found: dict, model) -> list[str]:
-    backbone = model if isinstance(model, VGGBackbone) else model.backbone  # every whole net has one
+    backbone = model.backbone if isinstance(model, Segmenter) else model  # every whole net has one
     hints = []
     if found["batch_norm"] != backbone.batch_norm:
         hints.append(
@@ -225,20 +234,12 @@ def load_torch_state_dict(model: Segmenter | VGGBackbone, source, *, strict: boo
     """
     sd = read_torch_state_dict(source)
     found = infer_config(sd)
-    ignored, notes, layers = [], [], None
-    if isinstance(model, VGGBackbone):
-        if found["layout"] == "fcn":
-            ignored = [k for k in sd if not k.startswith("pretrained_net.")]
-            sd = {k[len("pretrained_net."):]: v for k, v in sd.items() if k.startswith("pretrained_net.")}
-            notes.append("loaded the backbone of a whole FCN state_dict; its decoder was ignored")
-        fully_connected = [k for k in TORCHVISION_CLASSIFIER if k in sd]
-        if fully_connected:
-            notes.append("ignored torchvision's fully connected classifier (classifier.0/3/6), which FCN "
-                         "does not use")
-            ignored += fully_connected
-            sd = {k: v for k, v in sd.items() if k not in fully_connected}
-    else:
+    layers = None
+    if isinstance(model, Segmenter):
+        _check_family(model, found)
         sd, ignored, notes, layers = family_layout(model).adapt(model, sd, found)
+    else:
+        sd, ignored, notes = backbone_layout(model).adapt_backbone(model, sd, found)
 
     entries = {key: (field, var) for key, field, var in torch_entries(model, layers)}
     check_keys(model.describe(), {k: field.torch_shape(var.shape) for k, (field, var) in entries.items()},
@@ -253,6 +254,17 @@ def load_torch_state_dict(model: Segmenter | VGGBackbone, source, *, strict: boo
         note(text)
     ignored += [k for k in sd if k not in entries]
     return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
+
+
+def _check_family(model: Segmenter, found: dict) -> None:
+    """A whole network of another family's layout: one error naming what to build."""
+    other = registry.FAMILIES.get(found.get("family"))
+    if other is None or registry.torch_layout(other) is family_layout(model):
+        return
+    archs = registry.archs(family=other.name)
+    choices = found.get("arch") or (", ".join(archs[:-1]) + " or " + archs[-1] if len(archs) > 1 else archs[0])
+    raise WeightsError(f"this state_dict is in the layout of {other.title}, which {model.arch} is not: build "
+                       f"{choices} instead (e.g. create_model('{choices.split()[0]}', ...))")
 
 
 def to_torch_state_dict(model: Segmenter | VGGBackbone, *, as_torch: bool = False) -> dict:

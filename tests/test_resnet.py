@@ -1,0 +1,206 @@
+"""torchvision's FCN-ResNet50/101 against torchvision's own modules (random weights, BatchNorm moved off its
+defaults): eval and train mode at odd and even sizes, float64 gradients, the state_dict layouts both ways bit
+for bit, ImageNet ResNets into the backbone, and the published parameter counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import fcn_jax
+from fcn_jax import registry
+from fcn_jax.errors import ConfigError, WeightsError
+from fcn_jax.models.summary import summary
+from tests.helpers import assert_close, nchw, nhwc
+
+pytest.importorskip("torchvision")
+
+
+def _pair(arch="fcn_resnet50", *, aux_loss=True, num_classes=5, seed=0, dropout=True, dtype=jnp.float32):
+    """torchvision's module with random weights and our model holding them (through the converter)."""
+    from fcn_jax.pytorch.resnet_reference import random_torchvision_fcn
+
+    twin = random_torchvision_fcn(arch, num_classes, aux_loss=aux_loss, seed=seed, dropout=dropout)
+    if dtype == jnp.float64:
+        twin = twin.double()
+    model = nnx.eval_shape(lambda: fcn_jax.create_model(arch, num_classes=num_classes, aux_loss=aux_loss,
+                                                        dropout=0.1 if dropout else 0.0, dtype=dtype,
+                                                        param_dtype=dtype))
+    fcn_jax.load_torch_state_dict(model, twin.state_dict())
+    return model, twin
+
+
+@pytest.fixture(scope="module")
+def resnet50_pair(torch):
+    return _pair()
+
+
+def _check_heads(model, twin, torch, size, *, batch=2, train=False, rtol=1e-5):
+    x = np.random.default_rng(sum(size)).standard_normal((batch, 3, *size)).astype(np.float32)
+    twin.train(train)
+    model.train() if train else model.eval()
+    with torch.no_grad():
+        ref = twin(torch.from_numpy(x))
+    with jax.default_matmul_precision("highest"):
+        out, aux = model(jnp.asarray(nhwc(x)), aux=True)
+    for name, ours in (("out", out), ("aux", aux)):
+        assert ours.shape == (batch, *size, model.num_classes)
+        assert_close(nchw(ours), ref[name].numpy(), rtol, f"{model.arch} {name} {size}")
+
+
+@pytest.mark.parametrize("size", [(1, 1), (64, 64), (97, 131)])
+def test_eval_matches_torchvision_at_odd_and_even_sizes(resnet50_pair, torch, size):
+    _check_heads(*resnet50_pair, torch, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [(33, 200), (520, 520)])
+def test_eval_matches_torchvision_at_a_wide_and_the_published_size(resnet50_pair, torch, size):
+    _check_heads(*resnet50_pair, torch, size, batch=1 if size == (520, 520) else 2)
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("size", [(1, 1), (64, 64), (97, 131), (33, 200)])
+def test_resnet101_eval_matches_torchvision(torch, size):
+    _check_heads(*_pair("fcn_resnet101", seed=1), torch, size)
+
+
+def test_train_mode_uses_batch_statistics_and_updates_the_running_ones_like_torchvision(torch):
+    model, twin = _pair(dropout=False, seed=2)
+    _check_heads(model, twin, torch, (40, 56), train=True, rtol=1e-4)
+    ours = fcn_jax.to_torch_state_dict(model)
+    for key, value in twin.state_dict().items():
+        if "running" in key or "num_batches_tracked" in key:
+            # float32 batch statistics after ~50 layers: layer4's variances measured 1.3e-5 apart
+            assert_close(ours[key], value.numpy(), 1e-4, key)
+
+
+def test_train_mode_without_dropout_keys_says_what_to_pass():
+    model = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3))  # both checks come first
+    with pytest.raises(ConfigError, match=r"rngs=nnx.Rngs\(dropout=key\)"):
+        model(jnp.zeros((2, 16, 16, 3)))
+    model.eval()
+    with pytest.raises(ConfigError, match="aux_loss=True"):
+        model(jnp.zeros((1, 16, 16, 3)), aux=True)
+
+
+@pytest.mark.slow
+def test_float64_gradients_match(torch):
+    with jax.enable_x64(True):
+        model, twin = _pair(dropout=False, seed=3, num_classes=3, dtype=jnp.float64)
+        twin.eval()
+        model.eval()
+        x = np.random.default_rng(3).standard_normal((1, 3, 27, 34))
+        w = np.random.default_rng(4).standard_normal((2, 1, 3, 27, 34))
+        ref = twin(torch.from_numpy(x))
+        ((ref["out"] * torch.from_numpy(w[0])).sum() + (ref["aux"] * torch.from_numpy(w[1])).sum()).backward()
+
+        def objective(model):
+            out, aux = model(jnp.asarray(nhwc(x)), aux=True)
+            return (out * jnp.asarray(nhwc(w[0]))).sum() + (aux * jnp.asarray(nhwc(w[1]))).sum()
+
+        grads = nnx.grad(objective)(model)
+        graphdef, _, stats = nnx.split(model, nnx.Param, ...)
+        ours = fcn_jax.to_torch_state_dict(nnx.merge(graphdef, grads, stats))  # the gradients in torch's layout
+        for name, param in twin.named_parameters():
+            assert_close(ours[name], param.grad.numpy(), 1e-8, name)
+
+
+def _random_batchnorm_counts(twin, torch):
+    with torch.no_grad():
+        for i, m in enumerate(m for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            m.num_batches_tracked.fill_(1000 + i)
+    return twin
+
+
+@pytest.mark.parametrize("aux_loss", [True, False])
+def test_the_torchvision_layout_round_trips_bit_for_bit(torch, aux_loss):
+    from fcn_jax.pytorch.resnet_reference import random_torchvision_fcn
+
+    twin = _random_batchnorm_counts(random_torchvision_fcn("fcn_resnet50", 21, aux_loss=aux_loss), torch)
+    model = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", aux_loss=aux_loss))
+    report = fcn_jax.load_torch_state_dict(model, twin.state_dict())
+    assert len(report.loaded) == (334 if aux_loss else 326) and not report.ignored
+    back = fcn_jax.to_torch_state_dict(model, as_torch=True)
+    original = twin.state_dict()
+    assert list(back) == list(original)
+    for key, value in original.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    twin.load_state_dict(back, strict=True)
+
+
+def test_imagenet_resnets_load_into_the_backbone_and_fc_is_reported_unused(torch):
+    from fcn_jax.pytorch.resnet_reference import build_torchvision_resnet
+
+    classifier = build_torchvision_resnet("resnet50")
+    sd = classifier.state_dict()
+    model = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3))
+    report = fcn_jax.load_torch_state_dict(model.backbone, sd)
+    assert sorted(report.ignored) == ["fc.bias", "fc.weight"] and "fc.weight" in report.notes[0]
+    back = fcn_jax.to_torch_state_dict(model.backbone, as_torch=True)
+    assert back.keys() == sd.keys() - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+
+    whole = fcn_jax.create_model("fcn_resnet50", num_classes=3)
+    head = np.asarray(whole.classifier.conv4.kernel[...])
+    report = fcn_jax.load_torch_state_dict(whole, sd)
+    assert "heads keep their initial values" in " ".join(report.notes)
+    np.testing.assert_array_equal(np.asarray(whole.backbone.conv1.kernel[...]),
+                                  sd["conv1.weight"].numpy().transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(np.asarray(whole.classifier.conv4.kernel[...]), head)
+
+
+def test_the_aux_head_in_the_file_and_in_the_model(torch):
+    from fcn_jax.pytorch.resnet_reference import build_torchvision_fcn
+
+    with_aux = build_torchvision_fcn("fcn_resnet50", 3, aux_loss=True).state_dict()
+    plain = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3))
+    report = fcn_jax.load_torch_state_dict(plain, with_aux)
+    assert len(report.ignored) == 8 and all(k.startswith("aux_classifier.") for k in report.ignored)
+    assert "aux_loss=True" in report.notes[0]
+    without = {k: v for k, v in with_aux.items() if not k.startswith("aux_classifier.")}
+    aux = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3, aux_loss=True))
+    with pytest.raises(WeightsError, match="no aux head .* aux_loss=False"):
+        fcn_jax.load_torch_state_dict(aux, without)
+
+
+def test_a_file_of_another_family_or_depth_says_what_to_build(torch):
+    from fcn_jax.pytorch.reference import build_torch_model
+    from fcn_jax.pytorch.resnet_reference import build_torchvision_fcn, build_torchvision_resnet
+
+    resnet = build_torchvision_fcn("fcn_resnet50", 3).state_dict()
+    vgg = nnx.eval_shape(lambda: fcn_jax.create_model("fcn8s", num_classes=3, backbone="vgg11"))
+    with pytest.raises(WeightsError, match=r"FCN-ResNets.*build fcn_resnet50 instead"):
+        fcn_jax.load_torch_state_dict(vgg, resnet)
+    paper = nnx.eval_shape(lambda: fcn_jax.create_model("fcn8s_paper", num_classes=3, backbone="vgg11",
+                                                        fc_width=64))
+    with pytest.raises(WeightsError, match=r"FCN-ResNets.*build fcn_resnet50 instead"):
+        fcn_jax.load_torch_state_dict(paper, build_torchvision_resnet("resnet50").state_dict())
+    r50 = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3))
+    with pytest.raises(WeightsError, match=r"tutorial's FCNs.*build fcn32s, fcn16s, fcn8s or fcns instead"):
+        fcn_jax.load_torch_state_dict(r50, build_torch_model("fcn8s", 3, "vgg11", False).state_dict())
+    deeper = build_torchvision_fcn("fcn_resnet101", 3).state_dict()
+    with pytest.raises(WeightsError, match="convert it as that \\(--arch fcn_resnet101\\)"):
+        fcn_jax.load_torch_state_dict(r50, deeper)
+
+
+def test_backbone_and_batch_norm_are_fixed_by_the_arch():
+    assert registry.family_of("fcn_resnet101").backbones == ("resnet50", "resnet101")
+    with pytest.raises(ConfigError, match="built on resnet50 with BatchNorm"):
+        fcn_jax.create_model("fcn_resnet50", backbone="resnet101")
+    with pytest.raises(ConfigError, match="built on resnet50 with BatchNorm"):
+        fcn_jax.create_model("fcn_resnet50", batch_norm=False)
+    model = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet101", aux_loss=True))
+    assert model.config() == {"arch": "fcn_resnet101", "backbone": "resnet101", "batch_norm": True,
+                              "num_classes": 21, "aux_loss": True}
+
+
+@pytest.mark.parametrize("arch, aux_loss, count", [("fcn_resnet50", True, 35_322_218),
+                                                   ("fcn_resnet50", False, 32_957_013),
+                                                   ("fcn_resnet101", True, 54_314_346)])
+def test_the_published_parameter_counts(arch, aux_loss, count):
+    model = nnx.eval_shape(lambda: fcn_jax.create_model(arch, num_classes=21, aux_loss=aux_loss))
+    assert f"{count:,} trainable parameters" in summary(model)
