@@ -163,7 +163,7 @@ def test_the_aux_head_in_the_file_and_in_the_model(torch):
     assert "aux_loss=True" in report.notes[0]
     without = {k: v for k, v in with_aux.items() if not k.startswith("aux_classifier.")}
     aux = nnx.eval_shape(lambda: fcn_jax.create_model("fcn_resnet50", num_classes=3, aux_loss=True))
-    with pytest.raises(WeightsError, match="no aux head .* aux_loss=False"):
+    with pytest.raises(WeightsError, match=r"no aux head .* aux_loss=False"):
         fcn_jax.load_torch_state_dict(aux, without)
 
 
