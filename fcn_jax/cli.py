@@ -116,8 +116,9 @@ def _cmd_summary(args) -> int:
     if args.weights:
         model = load_model(args.weights)
     else:  # shapes only: no weights are initialised
-        model = nnx.eval_shape(lambda: create_model(args.arch, num_classes=args.num_classes,
-                                                    backbone=args.backbone, batch_norm=args.batch_norm))
+        options = {"aux_loss": True} if args.aux_loss else {}
+        model = nnx.eval_shape(lambda: create_model(args.arch, num_classes=args.num_classes, backbone=args.backbone,
+                                                    batch_norm=args.batch_norm, **options))
     print(summary(model))
     return 0
 
@@ -146,6 +147,14 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
                    help="processes that read the images (default: one per core but one, at most 16; 0: this one)")
 
 
+def _add_architecture_options(p: argparse.ArgumentParser) -> None:
+    """The architecture flags summary and compare share (a family's own default where not given)."""
+    p.add_argument("--backbone", choices=registry.backbones(), help="default: vgg16 for the VGG families; the "
+                                                                     "FCN-ResNets' is fixed by --arch")
+    p.add_argument("--batch-norm", action="store_true", default=None, help="the _bn VGG backbone")
+    p.add_argument("--aux-loss", action="store_true", help="the FCN-ResNets: with the aux head on layer3")
+
+
 def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="convert PyTorch weights to fcn-jax .safetensors (or back to .pth)",
                        description="Convert a PyTorch FCN or torchvision VGG state_dict to an fcn-jax "
@@ -154,8 +163,9 @@ def _add_convert(sub) -> None:
     src.add_argument("--input", help="a .pth/.pt/.bin state_dict, a torch-layout .safetensors, or an fcn-jax "
                                      ".safetensors (with --output x.pth)")
     src.add_argument("--torchvision", metavar="NAME",
-                     help="fetch torchvision's ImageNet weights: vgg11..vgg19, optionally _bn (needs internet "
-                          "or torch hub's cache)")
+                     help="fetch torchvision's weights: vgg11..vgg19 (optionally _bn), resnet50, resnet101 "
+                          "(ImageNet), fcn_resnet50, fcn_resnet101 (COCO with VOC's labels); needs internet or "
+                          "torch hub's cache")
     p.add_argument("--output", required=True, help="the .safetensors (or .pth) file to write")
     p.add_argument("--arch", choices=registry.archs(), help="FCN variant; required for a whole FCN checkpoint, and "
                                                  "with a bare VGG builds an FCN around it")
@@ -232,8 +242,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--arch", choices=registry.archs(segmenters=True), default="fcn8s",
                    help="any segmentation net; the paper's are compared with dropout off in train mode (the "
                         "frameworks' random masks cannot agree)")
-    p.add_argument("--backbone", choices=registry.backbones(), default="vgg16")
-    p.add_argument("--batch-norm", action="store_true", help="the _bn backbone")
+    _add_architecture_options(p)
     p.add_argument("--num-classes", type=int, default=21)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--size", type=parse_size, default=(224, 224), metavar="HxW",
@@ -293,8 +302,7 @@ def _add_summary(sub) -> None:
                        description="Print the parameter table of a model (like the reference's show_params).")
     p.add_argument("--weights", help="an fcn-jax .safetensors file (overrides the architecture flags)")
     p.add_argument("--arch", choices=registry.archs(), default="fcn8s")
-    p.add_argument("--backbone", choices=registry.backbones(), default="vgg16")
-    p.add_argument("--batch-norm", action="store_true")
+    _add_architecture_options(p)
     p.add_argument("--num-classes", type=int, default=21)
     p.set_defaults(func=_cmd_summary)
 

@@ -24,7 +24,9 @@ from fcn_jax.errors import ConfigError
 class Family:
     """``archs``: architecture name -> its class (or ``"module:Class"``); ``backbones``: what ``backbone=`` takes;
     ``torch_layout``: the layout module (or its name); ``segmenters``: whether the archs give per-pixel logits at
-    the input's size (the heatmap gives class scores per 32-pixel step); ``title``: one line for help texts."""
+    the input's size (the heatmap gives class scores per 32-pixel step); ``title``: one line for help texts;
+    ``backbone_class``: the class a bare backbone of ``backbones`` is built from (backbone files, ImageNet
+    weights), where this family defines it."""
 
     name: str
     title: str
@@ -32,6 +34,7 @@ class Family:
     backbones: tuple[str, ...]
     torch_layout: ModuleType | str
     segmenters: bool = True
+    backbone_class: type | str | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -84,11 +87,20 @@ def torch_layout(family: Family) -> ModuleType:
     return _resolve(family.torch_layout)
 
 
+def backbone_class(name: str) -> type:
+    """The class of the bare backbone ``name`` (``vgg16``, ``resnet50``, ...)."""
+    for f in FAMILIES.values():
+        if name in f.backbones and f.backbone_class is not None:
+            return _resolve(f.backbone_class)
+    raise ConfigError(f"unknown backbone {name!r}; choose one of {', '.join(backbones())}")
+
+
 register(Family(
     "tutorial", "the tutorial's FCNs: ConvTranspose + BatchNorm decoders over torchvision's VGG",
     {arch: f"fcn_jax.models.fcn:{cls}" for arch, cls in
      (("fcn32s", "FCN32s"), ("fcn16s", "FCN16s"), ("fcn8s", "FCN8s"), ("fcns", "FCNs"))},
-    ("vgg11", "vgg13", "vgg16", "vgg19"), "fcn_jax.weights.tutorial_layout"))
+    ("vgg11", "vgg13", "vgg16", "vgg19"), "fcn_jax.weights.tutorial_layout",
+    backbone_class="fcn_jax.models.vgg:VGGBackbone"))
 register(Family(
     "paper", "the paper's FCNs: convolutionalized VGG, padding 100, crops, bilinear upsampling",
     {arch: f"fcn_jax.models.paper:{cls}" for arch, cls in
@@ -102,4 +114,4 @@ register(Family(
 register(Family(
     "resnet", "torchvision's FCN-ResNets: dilated ResNet v1.5 (output stride 8), FCNHead, optional aux head",
     {"fcn_resnet50": "fcn_jax.models.resnet:FCNResNet50", "fcn_resnet101": "fcn_jax.models.resnet:FCNResNet101"},
-    ("resnet50", "resnet101"), "fcn_jax.weights.resnet_layout"))
+    ("resnet50", "resnet101"), "fcn_jax.weights.resnet_layout", backbone_class="fcn_jax.models.resnet:ResNetBackbone"))

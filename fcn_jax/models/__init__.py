@@ -79,6 +79,15 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str | 
                rngs=nnx.Rngs(seed), **options)
 
 
+def create_backbone(name: str = "vgg16", *, batch_norm: bool | None = None, seed: int = 0, dtype=jnp.float32,
+                    param_dtype=jnp.float32, precision=None) -> nnx.Module:
+    """A bare backbone (``vgg11`` .. ``vgg19``, ``resnet50``, ``resnet101``): what ImageNet classifier weights and
+    backbone files load into. ``batch_norm`` as in :func:`create_model`."""
+    given = {} if batch_norm is None else {"batch_norm": batch_norm}
+    return registry.backbone_class(name)(name, **given, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                                         rngs=nnx.Rngs(seed))
+
+
 def forward(model, images: jax.Array, sizes: jax.Array | None = None) -> jax.Array:
     """``model(images)``; for the paper's networks, which do not pad themselves, with each image's own size
     (``sizes``, ``(N, 2)``, from :class:`~fcn_jax.data.pipeline.EvalBatches`) so that images padded into one
@@ -100,6 +109,7 @@ __all__ = [
     "PaperFCN",
     "Segmenter",
     "VGGBackbone",
+    "create_backbone",
     "create_model",
     "feature_ranges",
     "forward",

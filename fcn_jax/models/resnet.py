@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fcn_jax.errors import ConfigError
@@ -64,8 +65,9 @@ class Bottleneck(nnx.Module):
 
 
 def max_pool_3x3_stride_2(x: jax.Array) -> jax.Array:
-    """``torch.nn.MaxPool2d(3, 2, padding=1)`` on NHWC: the padding never wins (-inf)."""
-    return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+    """``torch.nn.MaxPool2d(3, 2, padding=1)`` on NHWC: the padding never wins (-inf). The initial value is a
+    concrete (numpy) scalar: JAX differentiates ``reduce_window`` only where it can see a max with -inf."""
+    return jax.lax.reduce_window(x, np.array(-np.inf, x.dtype), jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
@@ -77,12 +79,13 @@ class ResNetBackbone(nnx.Module):
     ``layer1`` .. ``layer4`` (lists of :class:`Bottleneck`). Expects ImageNet-normalised RGB.
     """
 
+    kind = "resnet"  # a bare backbone file's "model"
     batch_norm = True  # every ResNet has it; kept for the interface VGG backbones share
 
-    def __init__(self, name: str = "resnet50", *, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
-                 rngs: nnx.Rngs):
-        if name not in BLOCKS:
-            raise ConfigError(f"unknown ResNet {name!r}; choose one of {', '.join(BLOCKS)}")
+    def __init__(self, name: str = "resnet50", *, batch_norm: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=None, rngs: nnx.Rngs):
+        if name not in BLOCKS or not batch_norm:
+            raise ConfigError(f"{name!r} with batch_norm={batch_norm}: ResNets are {', '.join(BLOCKS)}, with BatchNorm")
         self.name = name
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         bn = dict(dtype=dtype, param_dtype=param_dtype)
@@ -163,16 +166,20 @@ class FCNResNet(Segmenter):
         return {**super().config(), "aux_loss": self.aux_loss}
 
     def __call__(self, images: jax.Array, *, aux: bool = False, rngs: nnx.Rngs | None = None):
+        if aux and self.aux_classifier is None:
+            raise ConfigError(f"this {self.arch} has no aux head: build it with aux_loss=True")
+        feats, out = self.features_and_logits(images, rngs=rngs)
+        return (out, resize_bilinear(self.aux_classifier(feats["aux"], rngs), out.shape[1:3])) if aux else out
+
+    def features_and_logits(self, images: jax.Array, *, rngs: nnx.Rngs | None = None
+                            ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The backbone's ``{"aux": layer3, "out": layer4}`` and the ``out`` logits, from one pass."""
         images = check_images(images)
         if rngs is None and not self.classifier.dropout.deterministic and self.classifier.dropout.rate > 0:
             raise ConfigError(f"in train mode {self.arch} needs rngs=nnx.Rngs(dropout=key) for its heads' dropout "
                               f"(or model.eval(), or dropout=0)")
-        if aux and self.aux_classifier is None:
-            raise ConfigError(f"this {self.arch} has no aux head: build it with aux_loss=True")
-        size = images.shape[1:3]
         feats = self.backbone(images)
-        out = resize_bilinear(self.classifier(feats["out"], rngs), size)
-        return (out, resize_bilinear(self.aux_classifier(feats["aux"], rngs), size)) if aux else out
+        return feats, resize_bilinear(self.classifier(feats["out"], rngs), images.shape[1:3])
 
 
 class FCNResNet50(FCNResNet):

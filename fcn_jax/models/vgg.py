@@ -90,6 +90,8 @@ class VGGBackbone(nnx.Module):
     expect RGB in [0, 1] normalised with mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
     """
 
+    kind = "vgg"  # a bare backbone file's "model"
+
     def __init__(self, name: str = "vgg16", *, batch_norm: bool = False, first_padding: int = 1,
                  ceil_mode: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
                  rngs: nnx.Rngs):

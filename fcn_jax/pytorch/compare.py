@@ -46,8 +46,6 @@ from fcn_jax.pytorch.speed import ProgressBar, Timing, format_speed, measure_spe
 from fcn_jax.weights.native import load_model
 from fcn_jax.weights.torch_layout import infer_config, read_torch_state_dict
 
-PAPER_ARCHS = registry.archs(family="paper")
-
 
 @dataclasses.dataclass
 class CompareResult:
@@ -71,7 +69,7 @@ class CompareResult:
                 "jax_over_torch": self.ratios(), "flops": self.flops, "environment": self.environment}
 
 
-def build_pair(arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = False, num_classes: int = 21,
+def build_pair(arch: str = "fcn8s", backbone: str | None = None, batch_norm: bool | None = None, num_classes: int = 21,
                weights: str | os.PathLike | None = None, seed: int = 0, float64: bool = False):
     """``(jax_model, torch_model, description)`` holding the same weights, both in train mode.
 
@@ -92,7 +90,8 @@ def build_pair(arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
         twin = torch_twin(architecture, state_dict)
         source = str(weights)
     else:
-        twin, source = random_reference(arch, num_classes, backbone, batch_norm, seed), f"random (seed {seed})"
+        twin = random_reference(arch, num_classes, backbone or "vgg16", bool(batch_norm), seed)
+        source = f"random (seed {seed})"
     if float64:
         twin = twin.double()
     model = jax_twin(twin, arch, dtype=jnp.float64 if float64 else jnp.float32)
@@ -100,8 +99,13 @@ def build_pair(arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
     model.train()
     name = (f"{arch}-{model.backbone.name}{'-bn' if model.backbone.batch_norm else ''}, {model.num_classes} classes, "
             f"weights: {source}")
-    if arch in PAPER_ARCHS:  # two frameworks' random dropout masks cannot agree: train mode compared without
-        twin.drop6.p = twin.drop7.p = model.vgg.drop6.rate = model.vgg.drop7.rate = 0.0
+    if model.takes_dropout_rngs:  # two frameworks' random dropout masks cannot agree: train mode compared without
+        for module in twin.modules():
+            if isinstance(module, torch.nn.Dropout | torch.nn.Dropout2d):
+                module.p = 0.0
+        for _, module in nnx.iter_modules(model):
+            if isinstance(module, nnx.Dropout):
+                module.rate = 0.0
         name += ", dropout off"
     return model, twin, name
 
@@ -172,7 +176,7 @@ def format_report(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
-def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = False, num_classes: int = 21,
+def compare(*, arch: str = "fcn8s", backbone: str | None = None, batch_norm: bool | None = None, num_classes: int = 21,
             batch_size: int = 2, size: tuple[int, int] = (224, 224), weights=None, float64: bool = False,
             seed: int = 0, lr: float = 0.01, repeats: int = 5, warmup: int = 2, fidelity: bool = True,
             speed: bool = True, torch_compile: bool = False, progress: bool = True) -> CompareResult:
@@ -185,8 +189,8 @@ def compare(*, arch: str = "fcn8s", backbone: str = "vgg16", batch_norm: bool = 
     with jax.enable_x64(float64), jax.default_matmul_precision("highest"):
         model, twin, name = build_pair(arch, backbone, batch_norm, num_classes, weights, seed, float64)
         images, labels = make_batch(batch_size, size, model.num_classes, seed,
-                                    np.float64 if float64 else np.float32, multiple=1 if model.arch in PAPER_ARCHS
-                                    else STRIDE)
+                                    np.float64 if float64 else np.float32,
+                                    multiple=STRIDE if model.family == "tutorial" else 1)
         checks = fidelity_checks(model, twin, images, labels, lr=lr, float64=float64) if fidelity else []
     timings, flops = {}, {}
     if speed:  # at the backend's default precision: what users get

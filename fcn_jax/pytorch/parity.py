@@ -22,11 +22,13 @@ from flax import nnx
 
 from fcn_jax import registry
 from fcn_jax.errors import ConfigError
-from fcn_jax.models import FCN, Heatmap, PaperFCN, VGGBackbone, create_model, torch_feature_indices
+from fcn_jax.models import FCN, Heatmap, PaperFCN, Segmenter, VGGBackbone, create_model, torch_feature_indices
 from fcn_jax.models.modes import in_mode
+from fcn_jax.models.resnet import FCNResNet, ResNetBackbone
 from fcn_jax.pytorch.io import from_numpy, to_numpy
 from fcn_jax.pytorch.paper_reference import build_paper_model
 from fcn_jax.pytorch.reference import VGGNet, build_torch_model, randomize_batchnorm_
+from fcn_jax.pytorch.resnet_reference import build_torchvision_fcn, random_torchvision_fcn
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.weights.paper_layout import trunk_from_torchvision
 from fcn_jax.weights.torch_layout import (
@@ -85,7 +87,9 @@ def random_reference(arch: str, num_classes: int, backbone: str, batch_norm: boo
     """The PyTorch reference FCN initialised from ``seed``, every BatchNorm's parameters and running
     statistics moved off their defaults (so that eval and train mode differ), in train mode. The paper's
     nets (no BatchNorm) get random weights in every layer but the bilinear upsampling."""
-    if arch in PAPER_ARCHS:
+    if registry.family_of(arch).name == "resnet":  # torchvision's own module; dropout off as for the paper's nets
+        twin = random_torchvision_fcn(arch, num_classes, seed=seed, dropout=False)
+    elif arch in PAPER_ARCHS:
         if batch_norm:
             raise ConfigError(f"{arch} has no BatchNorm (the paper's networks are plain VGG)")
         twin = build_paper_model(arch, num_classes, backbone, seed=seed).train()
@@ -104,6 +108,10 @@ def torch_twin(model: FCN | VGGBackbone, state_dict: dict[str, np.ndarray] | Non
         twin = build_torch_model(model.arch, model.num_classes, model.backbone.name, model.backbone.batch_norm)
     elif isinstance(model, (PaperFCN, Heatmap)):
         twin = build_paper_model(model.arch, model.num_classes, model.backbone.name)
+    elif isinstance(model, FCNResNet):
+        twin = build_torchvision_fcn(model.arch, model.num_classes, aux_loss=model.aux_loss)
+    elif isinstance(model, ResNetBackbone):  # torchvision's own dilated ResNet of its FCN, without fc
+        twin = build_torchvision_fcn(f"fcn_{model.name}").backbone
     else:
         twin = VGGNet(model.name, batch_norm=model.batch_norm)
     twin.load_state_dict(from_numpy(state_dict), strict=True)
@@ -117,7 +125,7 @@ def jax_twin(torch_model: torch.nn.Module, arch: str, *, dtype=jnp.float32) -> F
     found = infer_config(state_dict)
     model = nnx.eval_shape(lambda: create_model(  # shapes only: every variable comes from the state_dict
         arch, num_classes=found["num_classes"], backbone=found["backbone"], batch_norm=found["batch_norm"],
-        dtype=dtype, param_dtype=dtype))
+        dtype=dtype, param_dtype=dtype, **found.get("options", {})))
     load_torch_state_dict(model, state_dict)
     return model
 
@@ -127,18 +135,23 @@ def jax_twin(torch_model: torch.nn.Module, arch: str, *, dtype=jnp.float32) -> F
 
 
 def compare_outputs(model, twin: torch.nn.Module, images_nchw: np.ndarray, *, train: bool = False) -> list[Difference]:
-    """Logits (FCN) or x1..x5 (backbone) of both models on ``images_nchw``, in eval or train mode (in
-    train mode their BatchNorm statistics are updated); both models are left in the mode they had."""
+    """Logits (FCN; ``out`` and ``aux`` for torchvision's FCN-ResNets) or the features (backbone) of both models on
+    ``images_nchw``, in eval or train mode (in train mode their BatchNorm statistics are updated); both models are
+    left in the mode they had."""
     was_training = twin.training
     try:
         with torch.no_grad():
             ref = twin.train(train)(torch.from_numpy(images_nchw))
     finally:
         twin.train(was_training)
+    both_heads = isinstance(model, Segmenter) and isinstance(ref, dict) and "aux" in ref
     with in_mode(model, train=train), jax.default_matmul_precision("highest"):
-        out = model(jnp.asarray(images_nchw.transpose(0, 2, 3, 1)))
-    if not isinstance(model, VGGBackbone):
-        ref, out = {"logits": ref}, {"logits": out}
+        images = jnp.asarray(images_nchw.transpose(0, 2, 3, 1))
+        out = model(images, aux=True) if both_heads else model(images)
+    if both_heads:
+        out = dict(zip(("out", "aux"), out, strict=True))
+    elif isinstance(model, Segmenter):
+        ref, out = {"logits": ref["out"] if isinstance(ref, dict) else ref}, {"logits": out}
     return [relative_error(_nchw(out[name]), r.numpy(), name=name) for name, r in ref.items()]
 
 
@@ -186,15 +199,16 @@ def _nchw(x) -> np.ndarray:
 def _torch_forward(twin, x):
     """``(features, logits)`` of the torch FCN, features captured from its backbone's output (the paper's
     reference returns its pools itself)."""
-    if not hasattr(twin, "pretrained_net"):
+    if hasattr(twin, "features_and_logits"):
         return twin.features_and_logits(x)
     captured = {}
-    handle = twin.pretrained_net.register_forward_hook(lambda m, i, out: captured.update(out))
+    backbone = twin.pretrained_net if hasattr(twin, "pretrained_net") else twin.backbone  # torchvision's: {aux, out}
+    handle = backbone.register_forward_hook(lambda m, i, out: captured.update(out))
     try:
         logits = twin(x)
     finally:
         handle.remove()
-    return captured, logits
+    return captured, logits["out"] if isinstance(logits, dict) else logits
 
 
 def torch_results(twin, images: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, dict[str, np.ndarray]]:
@@ -287,9 +301,9 @@ def fidelity_checks(model, twin, images: np.ndarray, labels: np.ndarray, *, lr: 
     ours = jax_results(model, images, labels, lr)
     ref = torch_results(twin, images, labels, lr)
     truth = None if float64 else torch_results(copy.deepcopy(twin).double(), images.astype(np.float64), labels, lr)
-    zero_grad_biases = {f"pretrained_net.features.{conv}.bias"
-                        for conv, bn in torch_feature_indices(model.backbone.name, model.backbone.batch_norm)
-                        if bn is not None}
+    zero_grad_biases = set() if not isinstance(model.backbone, VGGBackbone) else {  # ResNets: no bias before BN
+        f"pretrained_net.features.{conv}.bias"
+        for conv, bn in torch_feature_indices(model.backbone.name, model.backbone.batch_norm) if bn is not None}
     checks = []
     for group, tensors in ref.items():
         if not tensors:  # "step bn stats" of the paper's nets, which have no BatchNorm

@@ -120,7 +120,9 @@ def _torch_runs(twin, x, y, lr: float, compile: bool):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(train_model(x), y, ignore_index=IGNORE_INDEX).backward()
+        logits = train_model(x)
+        logits = logits["out"] if isinstance(logits, dict) else logits  # torchvision's segmentation models
+        torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX).backward()
         optimizer.step()
 
     def forward():

@@ -6,12 +6,10 @@ import dataclasses
 import os
 from pathlib import Path
 
-from flax import nnx
-
 from fcn_jax import extras, registry
 from fcn_jax.atomic_files import refuse_overwriting
 from fcn_jax.errors import ConfigError
-from fcn_jax.models import Heatmap, PaperFCN, VGGBackbone, create_model
+from fcn_jax.models import Heatmap, PaperFCN, create_backbone, create_model
 from fcn_jax.notes import note
 from fcn_jax.weights.native import load_model, save_weights
 from fcn_jax.weights.torch_layout import infer_config, load_torch_state_dict, read_torch_state_dict, to_torch_state_dict
@@ -62,29 +60,20 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     found = infer_config(sd)
     backbone = backbone or found["backbone"]
     if backbone is None:
-        raise ConfigError("could not tell the VGG depth from the weights' conv layers; pass --backbone")
+        raise ConfigError("could not tell the backbone's depth from the weights' layers; pass --backbone")
     batch_norm = found["batch_norm"] if batch_norm is None else batch_norm
-    if found["layout"] == "fcn" and arch is None:
-        tutorial = ", ".join(registry.archs(family="tutorial"))
-        raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({tutorial}); the four "
-                          f"decoders have the same layers, so the weights cannot tell which one it is")
-    if found["layout"] == "paper" and arch is None:
-        if found["arch"] is None or " " in found["arch"]:
-            which = found["arch"] or "fcn32s_paper, fcn16s_paper, fcn8s_paper or fcn8s_atonce_paper"
-            raise ConfigError(f"this is one of the paper's FCNs: pass --arch ({which}); FCN-8s and FCN-8s at-once "
-                              f"have the same layers")
-        arch = found["arch"]
+    arch = arch or _arch_of_whole_network(found)
     if arch == "heatmap" and num_classes is None and "classifier.6.weight" in sd:
         num_classes = int(sd["classifier.6.weight"].shape[0])
     notes = []
     if arch is None:
-        model = VGGBackbone(backbone, batch_norm=batch_norm, rngs=nnx.Rngs(seed))
-        target = model
+        model = target = create_backbone(backbone, batch_norm=batch_norm, seed=seed)
     else:
         num_classes = num_classes or found.get("num_classes")
         if num_classes is None:
             raise ConfigError("pass --num-classes: the weights are a bare VGG backbone, the decoder is new")
-        model = create_model(arch, num_classes=num_classes, backbone=backbone, batch_norm=batch_norm, seed=seed)
+        model = create_model(arch, num_classes=num_classes, backbone=backbone, batch_norm=batch_norm, seed=seed,
+                             **found.get("options", {}))
         whole = isinstance(model, (PaperFCN, Heatmap))  # these take a whole VGG, classifier included
         target = model.backbone if found["layout"] == "vgg" and not whole else model
         if found["layout"] == "vgg" and arch != "heatmap":
@@ -94,9 +83,26 @@ def convert_checkpoint(*, output: str | os.PathLike, input: str | os.PathLike | 
     names = None
     if arch == "heatmap" and model.num_classes == 1000:  # ImageNet's classifier: keep its class names
         names = extras.pytorch("hub", "ImageNet's class names").imagenet_categories()
+    elif hub and arch == torchvision:  # torchvision's own FCN-ResNet: VOC's 21 class names
+        names = hub.torchvision_categories(torchvision)
     save_weights(model, output, class_names=names)
     differences = _verify(model, sd, found["layout"] == "vgg", verify_size, seed) if verify else []
     return ConvertResult(output, model, notes, differences)
+
+
+def _arch_of_whole_network(found: dict) -> str | None:
+    """The arch a whole network's weights name (None for a bare backbone), or a ConfigError asking for --arch
+    where its layers fit more than one."""
+    if found.get("backbone_only"):
+        return None
+    if found.get("arch") and " " not in found["arch"]:
+        return found["arch"]
+    if found["layout"] == "fcn":
+        tutorial = ", ".join(registry.archs(family="tutorial"))
+        raise ConfigError(f"this is a whole FCN checkpoint: pass --arch ({tutorial}); the four "
+                          f"decoders have the same layers, so the weights cannot tell which one it is")
+    which = found.get("arch") or ", ".join(registry.archs(family=found.get("family")))
+    raise ConfigError(f"the weights' layers fit more than one architecture: pass --arch ({which})")
 
 
 def _to_torch_file(src: Path, output: Path, verify: bool, verify_size) -> ConvertResult:

@@ -20,7 +20,7 @@ from flax import nnx
 from fcn_jax.atomic_files import atomic_target
 from fcn_jax.devices import host_array
 from fcn_jax.errors import WeightsError, check_keys, check_values
-from fcn_jax.models import Segmenter, VGGBackbone, create_model
+from fcn_jax.models import Segmenter, VGGBackbone, create_backbone, create_model
 
 FORMAT = "fcn-jax/1"
 NOT_ARCHITECTURE = ("model", "normalization", "class_names", "palette")  # metadata beside the model's config
@@ -30,9 +30,9 @@ def model_config(model: Segmenter | VGGBackbone) -> dict:
     """The constructor arguments that rebuild ``model``'s architecture."""
     if isinstance(model, Segmenter):
         return {"model": "fcn", **model.config()}
-    if isinstance(model, VGGBackbone):
-        return {"model": "vgg", "backbone": model.name, "batch_norm": model.batch_norm}
-    raise TypeError(f"expected an fcn_jax FCN or VGGBackbone, got {type(model).__name__}")
+    if hasattr(model, "kind"):  # a bare backbone: VGGBackbone, ResNetBackbone
+        return {"model": model.kind, "backbone": model.name, "batch_norm": model.batch_norm}
+    raise TypeError(f"expected an fcn_jax network or backbone, got {type(model).__name__}")
 
 
 def flat_variables(model) -> dict[str, nnx.Variable]:
@@ -144,9 +144,9 @@ def load_weights(model: Segmenter | VGGBackbone, path: str | os.PathLike) -> dic
 
 
 def _copy_into(model, config: dict, tensors: dict, path) -> None:
-    if isinstance(model, VGGBackbone) and config["model"] == "fcn":
+    if not isinstance(model, Segmenter) and config["model"] == "fcn":
         tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    elif isinstance(model, Segmenter) and config["model"] == "vgg":
+    elif isinstance(model, Segmenter) and config["model"] != "fcn":
         raise WeightsError(f"{path} holds a bare {config['backbone']} backbone: load it with "
                            f"fcn_jax.load_weights(model.backbone, path)")
     want = flat_variables(model)
@@ -187,8 +187,8 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.fl
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, precision=precision)
 
     def architecture():
-        if config["model"] == "vgg":
-            return VGGBackbone(config["backbone"], batch_norm=config["batch_norm"], rngs=nnx.Rngs(0), **kwargs)
+        if config["model"] != "fcn":
+            return create_backbone(config["backbone"], batch_norm=config["batch_norm"], **kwargs)
         return create_model(**{k: v for k, v in config.items() if k not in NOT_ARCHITECTURE}, **kwargs)
 
     # Shapes only (no random initialisation, which for VGG16 takes seconds); every variable comes from the file.

@@ -45,19 +45,19 @@ def _depth(sd: Mapping, prefix: str) -> str | None:
 
 
 def recognize(sd: Mapping[str, np.ndarray]) -> dict | None:
-    """A whole FCN-ResNet (``layout`` "fcn_resnet", with ``arch``, ``num_classes``, ``aux_loss``) or an ImageNet
-    ResNet (``layout`` "resnet"); None for another layout."""
+    """A whole FCN-ResNet (``layout`` "fcn_resnet", with ``arch``, ``num_classes`` and ``options``: ``aux_loss``)
+    or an ImageNet ResNet (``layout`` "resnet", ``backbone_only``); None for another layout."""
     if f"{PREFIX}layer1.0.conv1.weight" in sd:
         backbone = _depth(sd, PREFIX)
         found = {"layout": "fcn_resnet", "family": "resnet", "backbone": backbone, "batch_norm": True,
-                 "arch": backbone and f"fcn_{backbone}", "aux_loss": "aux_classifier.4.weight" in sd}
+                 "arch": backbone and f"fcn_{backbone}", "options": {"aux_loss": "aux_classifier.4.weight" in sd}}
         if "classifier.4.weight" in sd:
             found["num_classes"] = int(sd["classifier.4.weight"].shape[0])
         return found
     if "layer1.0.conv1.weight" in sd:
         backbone = _depth(sd, "")
         return {"layout": "resnet", "family": "resnet", "backbone": backbone, "batch_norm": True,
-                "arch": backbone and f"fcn_{backbone}"}
+                "arch": backbone and f"fcn_{backbone}", "backbone_only": True}
     return None
 
 
@@ -68,12 +68,13 @@ def adapt(model: FCNResNet, sd: dict, found: dict) -> tuple[dict, list[str], lis
         sd, ignored, notes = _without_fc({PREFIX + k if k not in IMAGENET_FC else k: v for k, v in sd.items()})
         notes.append(f"loaded the ImageNet ResNet into the backbone; {model.arch}'s heads keep their initial values")
         return sd, ignored, notes, backbone_table(model.backbone, PREFIX, ("backbone",))
-    if found["aux_loss"] and model.aux_classifier is None:
+    aux_loss = found["options"]["aux_loss"]
+    if aux_loss and model.aux_classifier is None:
         aux = [k for k in sd if k.startswith("aux_classifier.")]
         return ({k: v for k, v in sd.items() if k not in aux}, aux,
                 ["the state_dict's aux head (aux_classifier.*) is not used: build the model with aux_loss=True to "
                  "keep it"], None)
-    if model.aux_classifier is not None and not found["aux_loss"]:
+    if model.aux_classifier is not None and not aux_loss:
         raise WeightsError("the state_dict has no aux head (aux_classifier.*): build the model with aux_loss=False")
     return sd, [], [], None
 

@@ -188,7 +188,7 @@ def infer_config(sd: Mapping[str, np.ndarray]) -> dict:
         found = layout.recognize(sd)
         if found is not None:
             return found
-    return {"layout": "vgg", **vgg_features_config(sd, "features.")}
+    return {"layout": "vgg", "backbone_only": True, **vgg_features_config(sd, "features.")}
 
 
 def _config_hints(found: dict, model) -> list[str]:
