@@ -87,6 +87,13 @@ def torch_layout(family: Family) -> ModuleType:
     return _resolve(family.torch_layout)
 
 
+def default_backbone(arch: str) -> str:
+    """The backbone ``arch`` is built on by default: the one its name ends with (``fcn_resnet101``), else its
+    family's first (``vgg11``)."""
+    backbones = family_of(arch).backbones
+    return next((b for b in backbones if arch.endswith(b)), backbones[0])
+
+
 def backbone_class(name: str) -> type:
     """The class of the bare backbone ``name`` (``vgg16``, ``resnet50``, ...)."""
     for f in FAMILIES.values():

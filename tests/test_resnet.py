@@ -204,3 +204,44 @@ def test_backbone_and_batch_norm_are_fixed_by_the_arch():
 def test_the_published_parameter_counts(arch, aux_loss, count):
     model = nnx.eval_shape(lambda: fcn_jax.create_model(arch, num_classes=21, aux_loss=aux_loss))
     assert f"{count:,} trainable parameters" in summary(model)
+
+
+@pytest.mark.slow
+def test_one_sgd_step_with_the_aux_loss_and_the_aux_head_at_10x_matches_torchvisions_recipe(torch):
+    """CE(out) + 0.5 CE(aux), SGD momentum 0.9, weight decay 1e-4, the aux head a parameter group at 10x the lr."""
+    import functools
+
+    import optax
+
+    from fcn_jax.training.losses import cross_entropy
+    from fcn_jax.training.optim import make_optimizer
+    from fcn_jax.training.step import train_step
+
+    model, twin = _pair(dropout=False, seed=5, num_classes=3)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 36, 44)).astype(np.float32)
+    y = rng.integers(0, 3, (2, 36, 44))
+    y[:, :5, :7] = 255
+    lr, before = 0.01, fcn_jax.to_torch_state_dict(model)
+    groups = [{"params": twin.backbone.parameters()}, {"params": twin.classifier.parameters()},
+              {"params": twin.aux_classifier.parameters(), "lr": 10 * lr}]
+    sgd = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4)
+    result = twin.train()(torch.from_numpy(x))
+    ce = functools.partial(torch.nn.functional.cross_entropy, target=torch.from_numpy(y), ignore_index=255)
+    loss = ce(result["out"]) + 0.5 * ce(result["aux"])
+    loss.backward()
+    sgd.step()
+
+    model.train()
+    tx = make_optimizer("sgd", optax.constant_schedule(lr), momentum=0.9, weight_decay=1e-4,
+                        lr_factors={"aux_classifier": 10.0})
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    with jax.default_matmul_precision("highest"):
+        ours = train_step(model, optimizer, jnp.asarray(nhwc(x)), jnp.asarray(y),
+                          functools.partial(cross_entropy, ignore_index=255), aux_weight=0.5)
+    assert_close(np.asarray(ours), loss.item(), 1e-5, "loss")
+    after, theirs = fcn_jax.to_torch_state_dict(model), twin.state_dict()
+    for key in ("classifier.4.weight", "classifier.4.bias", "aux_classifier.4.weight", "aux_classifier.4.bias",
+                "aux_classifier.0.weight"):
+        # the heads' updates (a wrong factor or weight would be off by 100s of %); float32, through 50 layers
+        assert_close(after[key] - before[key], theirs[key].numpy() - before[key], 1e-3, key)

@@ -1,7 +1,8 @@
 """fcn-jax models as ONNX graphs, written layer by layer from the model's own layer list.
 
 The networks are a short list of ONNX's basic operators (Conv, ConvTranspose, BatchNormalization, Relu,
-MaxPool, Add, Mul, Pad, Slice), so the graph is emitted directly with the ``onnx`` package rather than by
+MaxPool, Add, Mul, Pad, Slice; Resize for the FCN-ResNets' bilinear upsampling, with the half-pixel convention
+of PyTorch's ``align_corners=False``), so the graph is emitted directly with the ``onnx`` package rather than by
 converting a traced JAX program: every layer keeps its name, the weights are stored once, in PyTorch's
 layout, and the sizes that depend on the input (the padding to a multiple of 32, the crops) are computed
 in the graph from the input's shape, so batch, height and width are all dynamic. Opset :data:`OPSET`.
@@ -156,6 +157,31 @@ class _Graph:
         return self.conv(self.fully_convolutional(self.backbone(images, model.backbone)["x5"], model), model.fc8,
                          "fc8")
 
+    def bottleneck(self, x: str, block, name: str) -> str:
+        y = self.relu(self.batch_norm(self.conv(x, block.conv1, f"{name}.conv1"), block.bn1, f"{name}.bn1"))
+        y = self.relu(self.batch_norm(self.conv(y, block.conv2, f"{name}.conv2"), block.bn2, f"{name}.bn2"))
+        y = self.batch_norm(self.conv(y, block.conv3, f"{name}.conv3"), block.bn3, f"{name}.bn3")
+        if block.downsample is not None:
+            x = self.batch_norm(self.conv(x, block.downsample.conv, f"{name}.downsample.0"), block.downsample.bn,
+                                f"{name}.downsample.1")
+        return self.relu(self.op("Add", [y, x], f"{name}.add"))
+
+    def resnet_fcn(self, images: str, model) -> str:
+        net = model.backbone
+        x = self.relu(self.batch_norm(self.conv(images, net.conv1, "backbone.conv1"), net.bn1, "backbone.bn1"))
+        x = self.op("MaxPool", [x], "backbone.maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+        for i in range(1, 5):
+            for b, block in enumerate(getattr(net, f"layer{i}")):
+                x = self.bottleneck(x, block, f"backbone.layer{i}.{b}")
+        head = model.classifier
+        x = self.relu(self.batch_norm(self.conv(x, head.conv0, "classifier.0"), head.bn1, "classifier.1"))
+        score = self.conv(x, head.conv4, "classifier.4")
+        batch_channels = self.op("Slice", [self.op("Shape", [score], "score.shape"), self.const(np.array([0]), "zero"),
+                                           self.const(np.array([2]), "two")], "score.nc")
+        sizes = self.op("Concat", [batch_channels, self.height_width(images)], "resize.sizes", axis=0)
+        return self.op("Resize", [score, "", "", sizes], "upsampled", mode="linear",
+                       coordinate_transformation_mode="half_pixel")
+
     def preprocess(self, pixels: str, normalization: str) -> str:
         """uint8 NHWC RGB -> float32 NCHW network input, through the training pipeline's exact table."""
         from fcn_jax.data.normalization import BGR_MODES
@@ -181,7 +207,8 @@ def onnx_model(model, *, with_preprocessing: bool = False, normalization: str = 
     else:
         inputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "height", "width"])]
         network_input = "images"
-    writers = {"tutorial": g.tutorial_fcn, "paper": g.paper_fcn, "heatmap": g.heatmap}  # by registry family
+    writers = {"tutorial": g.tutorial_fcn, "paper": g.paper_fcn, "heatmap": g.heatmap,  # by registry family
+               "resnet": g.resnet_fcn}
     if model.family not in writers:
         raise ConfigError(f"ONNX export covers the {', '.join(writers)} families, not {model.family} "
                           f"({model.arch}): export it with --format stablehlo")

@@ -15,6 +15,8 @@ class Segmenter(nnx.Module):
       pixels must not change (the network pads to it itself, or masks the padding out with ``sizes``).
     - ``takes_sizes``: ``model(images, sizes=...)`` masks each image's padding out (the paper's nets).
     - ``takes_dropout_rngs``: ``model(images, rngs=...)`` in train mode draws dropout masks from ``rngs``.
+    - ``takes_aux``: built with ``aux_loss=True``, ``model(images, aux=True)`` gives ``(out, aux)``, the logits of
+      the main and the auxiliary head (training adds the aux head's loss).
     - ``segmenter``: logits at the input's size (False for class-score maps such as the heatmap).
     - ``min_size``: the smallest height and width the network takes.
 
@@ -27,6 +29,7 @@ class Segmenter(nnx.Module):
     size_multiple: int = 1
     takes_sizes: bool = False
     takes_dropout_rngs: bool = False
+    takes_aux: bool = False
     segmenter: bool = True
     min_size: int = 1
 

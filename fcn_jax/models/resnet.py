@@ -146,6 +146,7 @@ class FCNResNet(Segmenter):
     family = "resnet"
     depth = ""  # the backbone: resnet50 or resnet101
     takes_dropout_rngs = True
+    takes_aux = True
 
     def __init__(self, num_classes: int = 21, *, backbone: str | None = None, batch_norm: bool | None = None,
                  aux_loss: bool = False, dropout: float = 0.1, dtype=jnp.float32, param_dtype=jnp.float32,

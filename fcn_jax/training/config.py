@@ -83,12 +83,18 @@ class TrainConfig:
     # model
     arch: str = _field("fcns", "FCN variant (the *_paper ones: the paper's networks, no BatchNorm)",
                        choices=lambda: registry.archs(segmenters=True), check=_segmenter)
-    backbone: str = _field("vgg11", "backbone (VGG depth)", choices=registry.backbones)
+    backbone: str | None = _field(None, "backbone", choices=registry.backbones,
+                                  shown_default="the arch's: vgg11 for the VGG families, resnet50 for fcn_resnet50")
     batch_norm: bool = _field(True, "use the vgg*_bn backbone")
     backbone_weights: str | None = _field(None, "fcn-jax .safetensors with a VGG backbone (from `fcn-jax convert`)"
                                                 " or a whole FCN, to initialise the backbone")
     init_weights: str | None = _field(None, "fcn-jax .safetensors of a whole FCN to start from")
     freeze_backbone: bool = _field(False, "train the decoder only (BatchNorm statistics still update)")
+    aux_weight: float | None = _field(None, "weight w of the aux head's loss, CE(out) + w * CE(aux), for archs with "
+                                            "one (fcn_resnet*); 0: no aux head", check=_at_least(0),
+                                      shown_default="0.5 for archs with an aux head")
+    aux_lr_factor: float = _field(10.0, "the aux head learns at this multiple of the learning rate (torchvision: 10)",
+                                  check=_above(0))
     learn_upsampling: bool = _field(False, "train the paper nets' bilinear upsampling too (frozen by default)")
     dtype: str = _field("float32", "compute dtype (bfloat16 keeps float32 params and BN statistics)",
                         choices=("float32", "bfloat16"))
@@ -130,6 +136,8 @@ class TrainConfig:
             if problem:
                 raise ConfigError(f"--{f.name.replace('_', '-')} {problem}, got {_shown(f, value)}")
         family = registry.family_of(self.arch)
+        if self.backbone is None:  # the arch's own (stored resolved, so a run's config.json names it)
+            object.__setattr__(self, "backbone", registry.default_backbone(self.arch))
         if self.backbone not in family.backbones:
             raise ConfigError(f"--backbone {self.backbone}: {self.arch} takes {', '.join(family.backbones)}")
 
@@ -232,7 +240,7 @@ def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
     values = {**PRESETS[preset], **overrides}
     if "backbone_weights" not in overrides and values.get("backbone_weights"):
         values["backbone_weights"] = None if values.get("init_weights") else values["backbone_weights"].format(
-            backbone=values.get("backbone", TrainConfig.backbone),
+            backbone=values.get("backbone") or registry.default_backbone(values.get("arch", TrainConfig.arch)),
             bn="_bn" if values.get("batch_norm", TrainConfig.batch_norm) else "")
     return TrainConfig(**values)
 

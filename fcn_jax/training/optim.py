@@ -13,6 +13,8 @@ segmentation schedule) and ``cosine``; any of them after ``warmup_steps`` of lin
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -41,10 +43,28 @@ def make_schedule(name: str, lr: float, *, total_steps: int, steps_per_epoch: in
 
 def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9, nesterov: bool = False,
                    weight_decay: float = 0.0, rmsprop_alpha: float = 0.99, eps: float = 1e-8,
-                   bias_lr_factor: float = 1.0, decay_biases: bool = True) -> optax.GradientTransformation:
+                   bias_lr_factor: float = 1.0, decay_biases: bool = True,
+                   lr_factors: dict[str, float] | None = None) -> optax.GradientTransformation:
     """``bias_lr_factor`` and ``decay_biases`` make biases their own parameter group (the paper's Caffe recipe:
-    twice the learning rate, no weight decay)."""
-    kw = dict(momentum=momentum, nesterov=nesterov, rmsprop_alpha=rmsprop_alpha, eps=eps)
+    twice the learning rate, no weight decay). ``lr_factors``: a module name (e.g. ``"aux_classifier"``) -> the
+    multiple of the learning rate its parameters learn at (torchvision's aux head: 10). The update of SGD, RMSprop
+    and AdamW (weight decay included) is proportional to the learning rate, so the group's updates are scaled."""
+    tx = _grouped_by_bias(name, schedule, weight_decay, bias_lr_factor, decay_biases,
+                          dict(momentum=momentum, nesterov=nesterov, rmsprop_alpha=rmsprop_alpha, eps=eps))
+    for module, factor in (lr_factors or {}).items():
+        if factor != 1.0:
+            tx = optax.chain(tx, optax.masked(optax.scale(factor), functools.partial(_under, module)))
+    return tx
+
+
+def _under(module: str, params):
+    """True for every parameter with ``module`` in its path."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: module in [p.key for p in path if isinstance(p, jax.tree_util.DictKey)], params)
+
+
+def _grouped_by_bias(name: str, schedule, weight_decay: float, bias_lr_factor: float, decay_biases: bool,
+                     kw: dict) -> optax.GradientTransformation:
     if bias_lr_factor == 1.0 and decay_biases:
         return _optimizer(name, schedule, weight_decay=weight_decay, **kw)
     biases = _optimizer(name, lambda step: bias_lr_factor * schedule(step),

@@ -178,10 +178,11 @@ class _Loop:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / runs.CONFIG).write_text(config.to_json())
         self.reports = MetricsLog(run_dir) if self.is_main else None
+        bn = "_bn" if config.batch_norm and "vgg" in config.backbone else ""  # ResNets always have it
         self.bar = tqdm(total=self.run.total_steps, initial=self.step, disable=not (self.is_main and progress),
                         unit="step", dynamic_ncols=True,
                         mininterval=0.5 if sys.stderr.isatty() else 15,  # logs, not terminals: a line every 15 s
-                        desc=f"{config.arch}-{config.backbone}{'_bn' if config.batch_norm else ''}")
+                        desc=f"{config.arch}-{config.backbone}{bn}")
         self.last_time, self.last_step = time.perf_counter(), self.step
         self.meter = LossMeter(self.step)
 
@@ -193,7 +194,7 @@ class _Loop:
                                          config.device_prefetch):
             data_state = data_states.popleft()
             self.meter.add(train_step(run.model, run.optimizer, batch["image"], batch["label"], run.loss_fn,
-                                      config.normalization, config.seed))
+                                      config.normalization, config.seed, run.aux_weight))
             self.step += 1
             self.bar.update(1)
             now = due(config, self.step, run.total_steps, data_state["batch"] == len(run.train_loader),

@@ -43,6 +43,7 @@ class Prepared:
     loss_fn: object
     mesh: jax.sharding.Mesh
     total_steps: int
+    aux_weight: float  # the aux head's share of the loss (0: the model has none)
 
 
 def prepare(config: TrainConfig, resume: bool) -> Prepared:
@@ -63,8 +64,9 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
                           augment=Augment(config.crop, tuple(config.scale), config.hflip), **feeding, **shard)
     val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization,
                              multiple=MODELS[config.arch].size_multiple, **feeding, **shard)
+    aux_weight = _aux_weight(config)
     model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
-                         seed=config.seed, dtype=jnp.dtype(config.dtype))
+                         seed=config.seed, dtype=jnp.dtype(config.dtype), **({"aux_loss": True} if aux_weight else {}))
     if not resume:  # a resumed run's weights come from its checkpoint
         _load_init_weights(model, config)
     schedule = make_schedule(config.schedule, config.lr, total_steps=config.epochs * len(train_loader),
@@ -72,7 +74,8 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
                              step_epochs=config.step_epochs, gamma=config.gamma, power=config.power)
     tx = make_optimizer(config.optimizer, schedule, momentum=config.momentum, nesterov=config.nesterov,
                         weight_decay=config.weight_decay, bias_lr_factor=config.bias_lr_factor,
-                        decay_biases=config.decay_biases)
+                        decay_biases=config.decay_biases,
+                        lr_factors={"aux_classifier": config.aux_lr_factor} if aux_weight else None)
     optimizer = nnx.Optimizer(model, tx, wrt=trainable(config.freeze_backbone, config.learn_upsampling))
     mesh = make_mesh()
     replicate_state((model, optimizer), mesh)
@@ -82,7 +85,16 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
               "normalization": config.normalization}
     return Prepared(run_dir, datasets, {role: _fingerprint(ds) for role, ds in datasets.items()}, labels,
                     train_loader, val_loader, model, optimizer, schedule, loss_fn, mesh,
-                    config.epochs * len(train_loader))
+                    config.epochs * len(train_loader), aux_weight)
+
+
+def _aux_weight(config: TrainConfig) -> float:
+    """``--aux-weight``, by default 0.5 for archs with an aux head (torchvision's recipe) and 0 for the rest."""
+    if not MODELS[config.arch].takes_aux:
+        if config.aux_weight:
+            raise ConfigError(f"--aux-weight {config.aux_weight}: {config.arch} has no aux head (the FCN-ResNets do)")
+        return 0.0
+    return 0.5 if config.aux_weight is None else config.aux_weight
 
 
 def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
@@ -134,8 +146,9 @@ def _check_init_files(config: TrainConfig) -> None:
     """The weights files a run starts from exist (checked before the datasets and workers are set up)."""
     for path, what in ((config.backbone_weights, "--backbone-weights"), (config.init_weights, "--init-weights")):
         if path is not None and not Path(path).is_file():
+            vgg_bn = config.batch_norm and MODELS[config.arch].family == "tutorial"
             how = (f"--torchvision {config.backbone} --arch heatmap" if issubclass(MODELS[config.arch], PaperFCN)
-                   else f"--torchvision {config.backbone}{'_bn' if config.batch_norm else ''}")
+                   else f"--torchvision {config.backbone}{'_bn' if vgg_bn else ''}")
             raise ConfigError(f"{what} {path}: no such file. Make one from torchvision's ImageNet weights with "
                               f"`fcn-jax convert {how} --output {path}` (needs internet once), or train without it")
 
