@@ -245,3 +245,61 @@ def test_one_sgd_step_with_the_aux_loss_and_the_aux_head_at_10x_matches_torchvis
                 "aux_classifier.0.weight"):
         # the heads' updates (a wrong factor or weight would be off by 100s of %); float32, through 50 layers
         assert_close(after[key] - before[key], theirs[key].numpy() - before[key], 1e-3, key)
+
+
+def test_summary_prints_the_published_count(capsys):
+    from fcn_jax.cli import main
+
+    assert main(["summary", "--arch", "fcn_resnet101", "--aux-loss"]) == 0
+    assert "54,314,346 trainable parameters" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_command_takes_the_resnet_archs(torch, tmp_path, capsys):
+    """convert (whole file, verified; ImageNet backbone), train from the backbone, evaluate, predict, export; heatmap
+    refuses; all in this process, on tiny inputs."""
+    from PIL import Image
+
+    from fcn_jax.cli import main
+    from fcn_jax.pytorch.resnet_reference import build_torchvision_resnet, random_torchvision_fcn
+
+    torch.save(random_torchvision_fcn("fcn_resnet50", 4, aux_loss=True).state_dict(), tmp_path / "r50.pth")
+    torch.save(build_torchvision_resnet("resnet50").state_dict(), tmp_path / "in50.pth")
+    weights, backbone = tmp_path / "r50.safetensors", tmp_path / "in50.safetensors"
+    assert main(["convert", "--input", str(tmp_path / "r50.pth"), "--output", str(weights), "--verify",
+                 "--verify-size", "33x40"]) == 0
+    assert "verify aux" in capsys.readouterr().out
+    assert main(["convert", "--input", str(tmp_path / "in50.pth"), "--output", str(backbone)]) == 0
+    assert fcn_jax.load_model(weights).config()["aux_loss"] and fcn_jax.load_model(backbone).name == "resnet50"
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, size in enumerate([(21, 30), (40, 17)]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (*size, 3), np.uint8)).save(photos / f"{i}.png")
+    assert main(["predict", str(weights), str(photos), "--output", str(tmp_path / "out"), "--no-progress",
+                 "--workers", "0"]) == 0
+    assert Image.open(tmp_path / "out" / "1_mask.png").size == (17, 40)
+    assert main(["export", str(weights), "--format", "onnx", "--output", str(tmp_path / "r50.onnx")]) == 0
+    assert main(["heatmap", str(weights), str(photos / "0.png"), "--output", str(tmp_path / "h.png")]) == 2
+    assert "not the heatmap model" in capsys.readouterr().err
+
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "fcn_resnet50", "--backbone-weights", str(backbone), "--synthetic-size", "24",
+                 "--synthetic-train", "4", "--synthetic-val", "2", "--batch-size", "2", "--epochs", "1",
+                 "--optimizer", "sgd", "--workers", "0", "--overlays", "0", "--no-progress",
+                 "--run-dir", str(run)]) == 0
+    trained = fcn_jax.load_model(run / "final.safetensors")
+    assert trained.config()["aux_loss"] and trained.backbone.name == "resnet50"
+    assert main(["evaluate", str(run), "--no-progress", "--workers", "0"]) == 0
+    assert "mean IoU" in capsys.readouterr().out
+
+
+@pytest.mark.exhaustive
+def test_stablehlo_export_and_compare(tmp_path, capsys):
+    from fcn_jax.cli import main
+
+    fcn_jax.save_weights(fcn_jax.create_model("fcn_resnet50", num_classes=3, aux_loss=True), tmp_path / "r.safetensors")
+    assert main(["export", str(tmp_path / "r.safetensors"), "--format", "stablehlo",
+                 "--output", str(tmp_path / "r.jaxexport")]) == 0
+    assert main(["compare", "--arch", "fcn_resnet50", "--size", "32x48", "--no-speed", "--no-progress"]) == 0
+    assert "all fidelity checks within tolerance" in capsys.readouterr().out
