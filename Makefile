@@ -37,7 +37,8 @@ test: lint
 test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 -m "not slow and not exhaustive"
 
-# The full matrices (every arch x depth x BatchNorm, the ConvTranspose grid, every paper head x depth): on demand.
+# The full matrices (every arch x depth x BatchNorm, the ConvTranspose grid, every paper head x depth, FCN-ResNet101)
+# and the longest twins of slow tests (the six-process preemption run, SIGINT beside SIGTERM): on demand.
 test-exhaustive: $(VENV)/.dev
 	$(PY) -m pytest -q -n 2 -m exhaustive
 

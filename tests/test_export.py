@@ -79,7 +79,8 @@ def test_the_heatmap_exports_to_both_formats():
 
 
 @pytest.mark.parametrize("arch,batch_norm", [("fcn8s", True),
-                                             pytest.param("fcn8s_atonce_paper", False, marks=SLOW)])
+                                             pytest.param("fcn8s_atonce_paper", False,
+                                                          marks=pytest.mark.exhaustive)])
 def test_stablehlo_reloads_without_fcn_jax(arch, batch_norm, tmp_path):
     model = _model(arch, batch_norm=batch_norm)
     data, _ = _assert_verified(model, "stablehlo")

@@ -288,7 +288,7 @@ def test_the_heatmap_command_draws_the_top_classes_with_their_names(tmp_path, ca
     assert "at least 224x224" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # the same property as the evaluation test below, logit by logit
 def test_padded_batches_give_each_paper_image_its_own_logits():
     # The paper's nets do not pad themselves: EvalBatches pads images of different sizes into one batch, and the
     # sizes mask the padding back out, so that one program serves many sizes with per-image results.

@@ -63,7 +63,7 @@ def straight(tmp_path_factory) -> dict:
     return _final(run_dir)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.exhaustive)])
 def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path, sig):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train(run_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -123,6 +123,7 @@ def _finish(procs) -> list[tuple[int, str]]:
     return [(p.returncode, out + err) for p, (out, err) in zip(procs, results, strict=True)]
 
 
+@pytest.mark.exhaustive  # six processes (5 min); CI keeps the two-process run of test_multidevice.py
 def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
     straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
     for code, text in _finish(_two_processes(straight_dir)):

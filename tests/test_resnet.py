@@ -57,7 +57,7 @@ def test_eval_matches_torchvision_at_odd_and_even_sizes(resnet50_pair, torch, si
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("size", [(33, 200), (520, 520)])
+@pytest.mark.parametrize("size", [(33, 200), pytest.param((520, 520), marks=pytest.mark.exhaustive)])
 def test_eval_matches_torchvision_at_a_wide_and_the_published_size(resnet50_pair, torch, size):
     _check_heads(*resnet50_pair, torch, size, batch=1 if size == (520, 520) else 2)
 
