@@ -250,7 +250,7 @@ def test_a_family_registered_in_a_test_goes_through_every_path(tiny_family, tmp_
     assert 0 <= metrics["mean_iou"] <= 1
     data = export(loaded, "stablehlo")
     assert all(c.ok for c in verify(loaded, data, "stablehlo", shapes=[(2, 32, 64)]))
-    with pytest.raises(ConfigError, match="ONNX export covers the tutorial, paper, heatmap families, not tiny_family"):
+    with pytest.raises(ConfigError, match=r"ONNX export covers the .* families, not tiny_family"):
         pytest.importorskip("onnx")
         export(loaded, "onnx")
 
