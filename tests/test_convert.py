@@ -139,9 +139,9 @@ def test_infer_config(ref, torch):
     import torchvision
 
     assert fcn_jax.infer_config(fcn_jax.read_torch_state_dict(ref)) == {
-        "layout": "fcn", "backbone": "vgg11", "batch_norm": True, "num_classes": 5}
+        "layout": "fcn", "family": "tutorial", "backbone": "vgg11", "batch_norm": True, "num_classes": 5}
     assert fcn_jax.infer_config(fcn_jax.read_torch_state_dict(torchvision.models.vgg19(weights=None))) == {
-        "layout": "vgg", "backbone": "vgg19", "batch_norm": False}
+        "layout": "vgg", "backbone_only": True, "backbone": "vgg19", "batch_norm": False}
 
 
 def test_bad_files_get_clear_errors(torch, tmp_path):
