@@ -151,7 +151,7 @@ def compare_outputs(model, twin: torch.nn.Module, images_nchw: np.ndarray, *, tr
     if both_heads:
         out = dict(zip(("out", "aux"), out, strict=True))
     elif isinstance(model, Segmenter):
-        ref, out = {"logits": ref["out"] if isinstance(ref, dict) else ref}, {"logits": out}
+        ref, out = {"logits": main_logits(ref)}, {"logits": out}
     return [relative_error(_nchw(out[name]), r.numpy(), name=name) for name, r in ref.items()]
 
 
@@ -192,6 +192,11 @@ class Check(Difference):
         return self.jax_vs_float64 is not None and self.jax_vs_float64 <= TRUTH_FACTOR * self.torch_vs_float64
 
 
+def main_logits(output) -> torch.Tensor:
+    """The logits of a torch segmentation model's output: torchvision's models return ``{"out": ..., "aux": ...}``."""
+    return output["out"] if isinstance(output, dict) else output
+
+
 def _nchw(x) -> np.ndarray:
     return np.asarray(x).transpose(0, 3, 1, 2)
 
@@ -208,7 +213,7 @@ def _torch_forward(twin, x):
         logits = twin(x)
     finally:
         handle.remove()
-    return captured, logits["out"] if isinstance(logits, dict) else logits
+    return captured, main_logits(logits)
 
 
 def torch_results(twin, images: np.ndarray, labels: np.ndarray, lr: float) -> dict[str, dict[str, np.ndarray]]:

@@ -25,7 +25,7 @@ import optax
 import torch
 from flax import nnx
 
-from fcn_jax.pytorch.parity import IGNORE_INDEX
+from fcn_jax.pytorch.parity import IGNORE_INDEX, main_logits
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import jitted_train_step
 
@@ -120,9 +120,7 @@ def _torch_runs(twin, x, y, lr: float, compile: bool):
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        logits = train_model(x)
-        logits = logits["out"] if isinstance(logits, dict) else logits  # torchvision's segmentation models
-        torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX).backward()
+        torch.nn.functional.cross_entropy(main_logits(train_model(x)), y, ignore_index=IGNORE_INDEX).backward()
         optimizer.step()
 
     def forward():

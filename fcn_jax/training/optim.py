@@ -59,8 +59,12 @@ def make_optimizer(name: str, schedule: optax.Schedule, *, momentum: float = 0.9
 
 def _under(module: str, params):
     """True for every parameter with ``module`` in its path."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: module in [p.key for p in path if isinstance(p, jax.tree_util.DictKey)], params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: module in _names(path), params)
+
+
+def _names(path) -> list:
+    """The module and variable names of a parameter's tree path (``["classifier", "conv4", "kernel"]``)."""
+    return [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
 
 
 def _grouped_by_bias(name: str, schedule, weight_decay: float, bias_lr_factor: float, decay_biases: bool,
@@ -76,7 +80,7 @@ def _grouped_by_bias(name: str, schedule, weight_decay: float, bias_lr_factor: f
 def _bias_labels(params):
     """``"biases"`` for every parameter named ``bias``, ``"weights"`` for the rest."""
     def label(path, _):
-        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        names = _names(path)
         return "biases" if names and names[-1] == "bias" else "weights"
 
     return jax.tree_util.tree_map_with_path(label, params)
