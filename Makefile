@@ -1,6 +1,6 @@
 # Every target sets up .venv as far as it needs (re-done when pyproject.toml or constraints.txt change):
 # `make train` installs the core package only (no PyTorch); the test, lint and demo targets add the torch,
-# onnx and dev extras.
+# onnx, coco and dev extras.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -20,7 +20,7 @@ $(VENV)/.core: pyproject.toml constraints.txt | $(PY)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(PIP_INSTALL) -e ".[torch,onnx,dev]"
+	$(PIP_INSTALL) -e ".[torch,onnx,coco,dev]"
 	touch $@
 
 # The main job: train on the built-in synthetic dataset (about 2 minutes on 2 CPU cores); each run gets

@@ -69,7 +69,8 @@ def _cmd_evaluate(args) -> int:
 
     run_evaluate(args.weights, dataset=args.dataset, data_dir=args.data_dir, split=args.split,
                  batch_size=args.batch_size, normalization=args.normalization, output=args.output,
-                 skip_bad=args.skip_bad_samples, workers=args.workers, progress=not args.no_progress)
+                 skip_bad=args.skip_bad_samples, workers=args.workers, resize_shorter=args.resize_shorter,
+                 progress=not args.no_progress)
     return 0
 
 
@@ -199,12 +200,17 @@ def _add_train(sub) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="the FCN metrics of weights on a dataset split",
                        description="Pixel accuracy, mean accuracy, mean IoU, frequency-weighted IoU and per-class "
-                                   "IoU over a whole split, whole images at their own sizes.")
+                                   "IoU over a whole split, whole images at their own sizes (or resized with "
+                                   "--resize-shorter).")
     p.add_argument("weights", help="an fcn-jax .safetensors, or a training run directory (its best weights; "
                                    "dataset settings default to the run's)")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir")
     p.add_argument("--split", help="default: the run's validation split, else val")
+    p.add_argument("--resize-shorter", type=int, metavar="N",
+                   help="resize every image (bilinear, antialiased) and mask (nearest) so that its shorter side is N "
+                        "pixels and score at that size: torchvision's evaluation of its segmentation weights uses "
+                        "520 (default: the run's --val-resize-shorter, else the images' own sizes)")
     p.add_argument("--normalization", choices=NORMALIZATIONS,
                    help="default: the run's or the weights file's, else imagenet")
     p.add_argument("--output", help="write OUTPUT.json (metrics, per-class IoU, confusion matrix) and "

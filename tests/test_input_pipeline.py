@@ -34,9 +34,12 @@ from tests.helpers import TinyDataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _loader(workers, **kw):
+AUGMENTS = {"scale": Augment((32, 32), (0.6, 1.4)), "shorter side": Augment((32, 32), shorter=(24, 56))}
+
+
+def _loader(workers, augment="scale", **kw):
     ds = SyntheticShapes("train", num_samples=36, size=(40, 40), seed=5)
-    return Loader(ds, 8, seed=2, augment=Augment((32, 32), (0.6, 1.4)), workers=workers, drop_last=False, **kw)
+    return Loader(ds, 8, seed=2, augment=AUGMENTS[augment], workers=workers, drop_last=False, **kw)
 
 
 def _two_epochs(loader):
@@ -44,26 +47,28 @@ def _two_epochs(loader):
         return [b for _ in range(2) for b in loader]
 
 
-def test_batches_are_the_same_for_any_number_of_workers():
-    reference = _two_epochs(_loader(0))
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_batches_are_the_same_for_any_number_of_workers(augment):
+    reference = _two_epochs(_loader(0, augment))
     assert len(reference) == 10 and reference[0]["image"].dtype == np.float32
     for workers in (1, 3):
-        got = _two_epochs(_loader(workers))
+        got = _two_epochs(_loader(workers, augment))
         for want, have in zip(reference, got, strict=True):
             np.testing.assert_array_equal(have["image"], want["image"])
             np.testing.assert_array_equal(have["label"], want["label"])
-    raw = _two_epochs(_loader(2, normalization=None))
+    raw = _two_epochs(_loader(2, augment, normalization=None))
     assert raw[0]["image"].dtype == np.uint8
     np.testing.assert_array_equal(normalize(raw[4]["image"]), reference[4]["image"])
 
 
-def test_a_state_saved_with_some_workers_resumes_with_any_other_count():
-    reference = _two_epochs(_loader(0, normalization=None))
-    loader = _loader(3, normalization=None)
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_a_state_saved_with_some_workers_resumes_with_any_other_count(augment):
+    reference = _two_epochs(_loader(0, augment, normalization=None))
+    loader = _loader(3, augment, normalization=None)
     with loader:
         list(itertools.islice(loader, 3))
         state = loader.state()
-    resumed = _loader(1, normalization=None)
+    resumed = _loader(1, augment, normalization=None)
     resumed.restore(state)
     with resumed:
         rest = list(resumed) + list(resumed)

@@ -4,6 +4,8 @@ for bit, ImageNet ResNets into the backbone, and the published parameter counts.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,15 +285,42 @@ def test_every_command_takes_the_resnet_archs(torch, tmp_path, capsys):
     assert main(["heatmap", str(weights), str(photos / "0.png"), "--output", str(tmp_path / "h.png")]) == 2
     assert "not the heatmap model" in capsys.readouterr().err
 
+    # torchvision's recipe end to end (SGD, poly, aux loss and lr factor, shorter side drawn then cropped, validation
+    # resized), on tiny synthetic images
     run = tmp_path / "run"
-    assert main(["train", "--arch", "fcn_resnet50", "--backbone-weights", str(backbone), "--synthetic-size", "24",
-                 "--synthetic-train", "4", "--synthetic-val", "2", "--batch-size", "2", "--epochs", "1",
-                 "--optimizer", "sgd", "--workers", "0", "--overlays", "0", "--no-progress",
-                 "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--preset", "voc-fcn-resnet50", "--dataset", "synthetic", "--train-split", "train",
+                 "--backbone-weights", str(backbone), "--synthetic-size", "24", "--synthetic-train", "4",
+                 "--synthetic-val", "2", "--batch-size", "2", "--epochs", "1", "--resize-shorter", "16,40",
+                 "--crop", "24x24", "--val-resize-shorter", "28", "--workers", "0", "--overlays", "0",
+                 "--no-progress", "--run-dir", str(run)]) == 0
+    assert "for --batch-size 2 the linear rule gives --lr 0.00125" in capsys.readouterr().err
     trained = fcn_jax.load_model(run / "final.safetensors")
     assert trained.config()["aux_loss"] and trained.backbone.name == "resnet50"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"], config["schedule"], config["aux_weight"], config["resize_shorter"]) == \
+        ("sgd", "poly", 0.5, [16, 40])
     assert main(["evaluate", str(run), "--no-progress", "--workers", "0"]) == 0
-    assert "mean IoU" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 images, resized to a shorter side of 28" in out and "mean IoU" in out
+
+
+def test_the_torchvision_presets_follow_its_recipe(caplog):
+    from fcn_jax.training.config import resolve_config
+
+    for preset, arch, dataset, splits in (("coco-fcn-resnet50", "fcn_resnet50", "coco", ("train2017", "val2017")),
+                                          ("coco-fcn-resnet101", "fcn_resnet101", "coco", ("train2017", "val2017")),
+                                          ("voc-fcn-resnet50", "fcn_resnet50", "voc", ("train_aug", "val"))):
+        c = resolve_config(preset, data_dir="data")
+        assert (c.arch, c.backbone, c.dataset, (c.train_split, c.val_split)) == (arch, arch[4:], dataset, splits)
+        assert (c.optimizer, c.lr, c.momentum, c.weight_decay, c.batch_size) == ("sgd", 0.02, 0.9, 1e-4, 32)
+        assert (c.schedule, c.power, c.warmup_steps, c.epochs) == ("poly", 0.9, 0, 30)
+        assert (c.aux_weight, c.aux_lr_factor, c.decay_biases, c.bias_lr_factor) == (0.5, 10.0, True, 1.0)
+        assert (c.resize_shorter, c.crop, c.hflip, c.val_resize_shorter) == ((260, 1040), (480, 480), True, 520)
+        assert c.backbone_weights == f"{arch[4:]}.safetensors" and c.loss == "cross_entropy"
+    assert not caplog.records
+    assert resolve_config("coco-fcn-resnet50", batch_size=8).lr == 0.02  # suggested, never applied
+    assert "for --batch-size 8 the linear rule gives --lr 0.005" in caplog.text
 
 
 @pytest.mark.exhaustive

@@ -20,29 +20,41 @@ import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image
 
 from fcn_jax.data.normalization import normalize
+from fcn_jax.data.transforms import resize_pair, shorter_side_size
 from fcn_jax.data.workers import SampleWorkers, default_workers, in_worker, worker_failure
 from fcn_jax.errors import ConfigError, DatasetError, FcnJaxError
 
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Random scale (bilinear image, nearest label), then a random crop to ``crop`` (padding with
-    zeros / the ignore label where the image is smaller), then a horizontal flip with probability 1/2."""
+    """Random resizing, then a random crop to ``crop`` (padding at the bottom and right with zeros / the
+    ignore label where the image is smaller), then a horizontal flip with probability 1/2.
+
+    The resizing is either ``shorter=(MIN, MAX)``, torchvision's: the shorter side to a whole number of pixels
+    drawn uniformly from [MIN, MAX], or ``scale=(MIN, MAX)``: both sides times a factor drawn from [MIN, MAX].
+    Images bilinear (antialiased when shrinking), labels nearest (:mod:`fcn_jax.data.transforms`)."""
 
     crop: tuple[int, int] | None = None
     scale: tuple[float, float] = (1.0, 1.0)
     hflip: bool = True
+    shorter: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.shorter is not None and tuple(self.scale) != (1.0, 1.0):
+            raise ConfigError("resize by the shorter side or by a scale factor, not both (--resize-shorter, --scale)")
+        if self.shorter is not None and not 0 < self.shorter[0] <= self.shorter[1]:
+            raise ConfigError(f"the shorter side's range needs 0 < MIN <= MAX, got {self.shorter}")
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator, ignore_index: int):
-        if self.scale != (1.0, 1.0):
+        h, w = label.shape
+        if self.shorter is not None:
+            image, label = resize_pair(image, label, shorter_side_size(h, w, int(rng.integers(self.shorter[0],
+                                                                                          self.shorter[1] + 1))))
+        elif self.scale != (1.0, 1.0):
             s = rng.uniform(*self.scale)
-            h, w = label.shape
-            size = (max(1, round(w * s)), max(1, round(h * s)))
-            image = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-            label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+            image, label = resize_pair(image, label, (max(1, round(h * s)), max(1, round(w * s))))
         if self.crop is not None:
             ch, cw = self.crop
             h, w = label.shape

@@ -74,9 +74,11 @@ def evaluate_model(model, dataset, *, batch_size: int = 0, normalization: str = 
 
 def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | None = None, split: str | None = None,
                  batch_size: int = 0, normalization: str | None = None, output: str | None = None,
-                 skip_bad: bool = False, workers: int | None = None, progress: bool = True) -> dict:
+                 skip_bad: bool = False, workers: int | None = None, resize_shorter: int | None = None,
+                 progress: bool = True) -> dict:
     """Evaluate, print the table, and write ``OUTPUT.json`` and ``OUTPUT_confusion.png``. Settings
-    left out come from the run's config when ``weights`` is a run directory."""
+    left out come from the run's config when ``weights`` is a run directory. ``resize_shorter``: see
+    :func:`fcn_jax.data.get_dataset`."""
     reports = _report_paths(output) if output else None
     path, run = resolve_weights(weights)
     if reports:
@@ -90,15 +92,19 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
     normalization = input_normalization(normalization, run, read_weights_config(path))
     if dataset == run.get("dataset"):
         data_dir = data_dir or run.get("data_dir")
+        resize_shorter = resize_shorter or run.get("val_resize_shorter")
+    if resize_shorter is not None and resize_shorter < 1:
+        raise ConfigError(f"--resize-shorter must be >= 1 pixel, got {resize_shorter}")
     kwargs = {}
     if dataset == "synthetic" and run:
         kwargs = dict(synthetic_size=run["synthetic_size"], synthetic_samples=run["synthetic_val"], seed=run["seed"])
-    data = get_dataset(dataset, split, data_dir=data_dir, skip_bad=skip_bad, **kwargs)
+    data = get_dataset(dataset, split, data_dir=data_dir, skip_bad=skip_bad, resize_shorter=resize_shorter, **kwargs)
     model = load_model(path)
     metrics, conf = evaluate_model(model, data, batch_size=batch_size, normalization=normalization, workers=workers,
                                    progress=progress)
     if jax.process_index() == 0:
-        print(f"{dataset} {split}: {len(data)} images, weights {path}")
+        resized = f", resized to a shorter side of {resize_shorter}" if resize_shorter else ""
+        print(f"{dataset} {split}: {len(data)} images{resized}, weights {path}")
         print(metrics_table(metrics))
         skipped = getattr(data, "skipped", [])
         if skipped:
@@ -106,7 +112,8 @@ def run_evaluate(weights: str, *, dataset: str | None = None, data_dir: str | No
         if reports:
             json_path, picture = reports
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            report = {"weights": str(path), "dataset": dataset, "split": split, "images": len(data),
+            report = {"weights": str(path), "dataset": dataset, "split": split, "resize_shorter": resize_shorter,
+                      "images": len(data),
                       "skipped": len(skipped), **metrics, "confusion_matrix": conf.tolist()}
             json_path.write_text(json.dumps(report, indent=2))
             plot_confusion(conf, data.class_names, picture)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from fcn_jax import registry
 from fcn_jax.choices import LOSSES, NORMALIZATIONS, OPTIMIZERS, SCHEDULES
+from fcn_jax.data import DATASETS
 from fcn_jax.errors import ConfigError, RunError
 from fcn_jax.inference import runs
+from fcn_jax.notes import note
 
 
 def _field(default, help: str, *, check=None, **kw):
@@ -44,6 +46,10 @@ def _scale_range(v):
     return None if len(v) == 2 and 0 < v[0] <= v[1] < math.inf else "takes MIN,MAX with 0 < MIN <= MAX"
 
 
+def _size_range(v):
+    return None if len(v) == 2 and 0 < v[0] <= v[1] else "takes MIN,MAX with 0 < MIN <= MAX"
+
+
 def _positive_size(v):
     return None if all(x > 0 for x in v) else "must be positive"
 
@@ -61,10 +67,10 @@ def _class_weights(v):
 class TrainConfig:
     # data
     dataset: str = _field("synthetic", "dataset (synthetic is built in, no download)",
-                          choices=("synthetic", "voc", "camvid", "camvid11", "cityscapes", "folder"))
+                          choices=DATASETS)
     data_dir: str | None = _field(None, "dataset root folder (real datasets, in their published layouts)")
-    train_split: str = _field("train", "split to train on (voc: train, trainval, train_aug)")
-    val_split: str = _field("val", "split to validate on (voc: val, seg11valid)")
+    train_split: str = _field("train", "split to train on (voc: train, trainval, train_aug; coco: train2017)")
+    val_split: str = _field("val", "split to validate on (voc: val, seg11valid; coco: val2017)")
     skip_bad_samples: bool = _field(False, "check every sample first and leave out unreadable or invalid ones "
                                            "(counted at the end) instead of stopping at the first")
     synthetic_size: int = _field(64, "synthetic images are SIZE x SIZE", check=_at_least(1))
@@ -73,6 +79,11 @@ class TrainConfig:
     crop: tuple | None = _field(None, "random crop HxW for training (None: whole images)", kind="size",
                                 check=_positive_size)
     scale: tuple = _field((1.0, 1.0), "random scale range MIN,MAX for training", kind="floats", check=_scale_range)
+    resize_shorter: tuple | None = _field(None, "for training, resize the shorter side to a random MIN,MAX pixels "
+                                                "instead of --scale (torchvision's recipe: 260,1040)", kind="ints",
+                                          check=_size_range)
+    val_resize_shorter: int | None = _field(None, "validate on images resized to this shorter side (torchvision's "
+                                                  "evaluation: 520; default: their own sizes)", check=_at_least(1))
     hflip: bool = _field(True, "random horizontal flips for training")
     normalization: str = _field("imagenet", "imagenet (RGB mean/std) or reference (BGR mean subtraction)",
                                 choices=NORMALIZATIONS)
@@ -157,7 +168,7 @@ def _shown(f: dataclasses.Field, value) -> str:
     """``value`` as it is written on the command line."""
     if f.metadata.get("kind") == "size":
         return "x".join(str(v) for v in value)
-    if f.metadata.get("kind") == "floats":
+    if f.metadata.get("kind") in ("floats", "ints"):
         return ",".join(str(v) for v in value)
     return str(value)
 
@@ -186,7 +197,22 @@ PRESETS: dict[str, dict] = {
         bias_lr_factor=2.0, decay_biases=False, schedule="constant", warmup_steps=0, epochs=12, batch_size=1,
         hflip=False, normalization="caffe", backbone_weights="{backbone}_heatmap.safetensors")
        for name, lr in (("fcn32s", 1e-10), ("fcn16s", 1e-12), ("fcn8s", 1e-14), ("fcn8s_atonce", 1e-10))},
+    # torchvision's segmentation recipe (docs/fcn-resnet.md): lr 0.02 for a global batch of 32 (see LR_FOR_BATCH),
+    # poly 0.9 stepped every iteration, the aux loss at 0.5 with its head at 10x lr, shorter side 260..1040 then
+    # 480x480 crops, validation at a shorter side of 520, ImageNet ResNet weights.
+    **{f"{data}-{arch.replace('_', '-')}": dict(
+        dataset=data, train_split=splits[0], val_split=splits[1], arch=arch, backbone=arch.split("_")[1],
+        loss="cross_entropy", optimizer="sgd", lr=0.02, momentum=0.9, weight_decay=1e-4, schedule="poly", power=0.9,
+        warmup_steps=0, epochs=30, batch_size=32, resize_shorter=(260, 1040), crop=(480, 480), hflip=True,
+        val_resize_shorter=520, aux_weight=0.5, aux_lr_factor=10.0, normalization="imagenet",
+        backbone_weights="{backbone}.safetensors")
+       for data, arch, splits in (("coco", "fcn_resnet50", ("train2017", "val2017")),
+                                  ("coco", "fcn_resnet101", ("train2017", "val2017")),
+                                  ("voc", "fcn_resnet50", ("train_aug", "val")))},
 }
+# The global batch a preset's learning rate was published for: with another --batch-size, torchvision's linear
+# rule (lr x batch / 32) is suggested, never applied behind the user's back.
+LR_FOR_BATCH = {name: 32 for name in ("coco-fcn-resnet50", "coco-fcn-resnet101", "voc-fcn-resnet50")}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -197,11 +223,14 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _parse_floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _parse_numbers(kind: type):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {'whole ' * (kind is int)}numbers, got "
+                                             f"{text!r}") from None
+    return parse
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -216,8 +245,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind == "size":
             parser.add_argument(flag, type=parse_size, default=None, metavar="HxW", help=help_text)
-        elif kind == "floats":
-            parser.add_argument(flag, type=_parse_floats, default=None, metavar="A,B,...", help=help_text)
+        elif kind in ("floats", "ints"):
+            parser.add_argument(flag, type=_parse_numbers(float if kind == "floats" else int), default=None,
+                                metavar="A,B,...", help=help_text)
         else:
             convert = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
             choices = f.metadata.get("choices")  # a function where the registry decides (families registered late)
@@ -238,6 +268,10 @@ def resolve_config(preset: str = "synthetic", **overrides) -> TrainConfig:
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     values = {**PRESETS[preset], **overrides}
+    published = LR_FOR_BATCH.get(preset)
+    if published and values["batch_size"] != published and "lr" not in overrides:
+        note("preset %s: lr %g is for a global batch of %d; for --batch-size %d the linear rule gives --lr %g",
+             preset, values["lr"], published, values["batch_size"], values["lr"] * values["batch_size"] / published)
     if "backbone_weights" not in overrides and values.get("backbone_weights"):
         values["backbone_weights"] = None if values.get("init_weights") else values["backbone_weights"].format(
             backbone=values.get("backbone") or registry.default_backbone(values.get("arch", TrainConfig.arch)),

@@ -61,7 +61,7 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
     feeding = dict(workers=config.workers, prefetch=config.prefetch)
     train_loader = Loader(datasets["train"], config.batch_size, seed=config.seed, normalization=None,  # on device
-                          augment=Augment(config.crop, tuple(config.scale), config.hflip), **feeding, **shard)
+                          augment=_augment(config), **feeding, **shard)
     val_loader = EvalBatches(datasets["val"], config.batch_size, normalization=config.normalization,
                              multiple=MODELS[config.arch].size_multiple, **feeding, **shard)
     aux_weight = _aux_weight(config)
@@ -86,6 +86,11 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
     return Prepared(run_dir, datasets, {role: _fingerprint(ds) for role, ds in datasets.items()}, labels,
                     train_loader, val_loader, model, optimizer, schedule, loss_fn, mesh,
                     config.epochs * len(train_loader), aux_weight)
+
+
+def _augment(config: TrainConfig) -> Augment:
+    shorter = tuple(config.resize_shorter) if config.resize_shorter else None
+    return Augment(config.crop, tuple(config.scale), config.hflip, shorter=shorter)
 
 
 def _aux_weight(config: TrainConfig) -> float:
@@ -113,7 +118,8 @@ def _check_run_folder(run_dir: Path, config: TrainConfig, resume: bool) -> None:
 def _datasets(config: TrainConfig) -> dict:
     datasets = {role: get_dataset(config.dataset, split, data_dir=config.data_dir, seed=config.seed,
                                   synthetic_size=config.synthetic_size, skip_bad=config.skip_bad_samples,
-                                  synthetic_samples=config.synthetic_train if role == "train" else config.synthetic_val)
+                                  synthetic_samples=config.synthetic_train if role == "train" else config.synthetic_val,
+                                  resize_shorter=config.val_resize_shorter if role == "val" else None)
                 for role, split in (("train", config.train_split), ("val", config.val_split))}
     if config.dataset == "folder":
         _check_classes_used(datasets["train"], config.ignore_index)
