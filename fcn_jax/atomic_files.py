@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def atomic_target(path: Path) -> Iterator[Path]:
     (some writers create 0600 files). A place that cannot be written is an
     :class:`~fcn_jax.errors.OutputError` naming ``path``; a failure to remove the temporary file never hides
     the error that made the write fail."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # hosts may share the folder
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp

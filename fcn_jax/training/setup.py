@@ -173,7 +173,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def _remove_half_written(run_dir: Path) -> None:
-    """Temporary files that a killed run left behind (``.best.safetensors.tmp-PID``); the lock says that no
+    """Temporary files that a killed run left behind (``.best.safetensors.tmp-HOST-PID``); the lock says that no
     live run writes here."""
     leftovers = sorted(run_dir.glob(".*.tmp-*"))
     for path in leftovers:
