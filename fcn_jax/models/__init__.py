@@ -45,7 +45,7 @@ MODELS: Mapping[str, type] = _ArchClasses()
 
 def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str | None = None,
                  batch_norm: bool | None = None, seed: int = 0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, precision=None, **options) -> Segmenter:
+                 param_dtype=jnp.float32, precision=None, remat: bool = False, **options) -> Segmenter:
     """Build an FCN with freshly initialised weights.
 
     Args:
@@ -63,6 +63,9 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str | 
         ``param_dtype``). ``jnp.float64`` needs ``jax_enable_x64``.
       param_dtype: dtype of the parameters and BatchNorm statistics.
       precision: XLA precision of the convolutions (see :mod:`fcn_jax.models.layers`).
+      remat: rematerialise the backbone in training: only each VGG stage's output (each ResNet block's) is
+        kept for the backward pass and the rest is computed again there; the same losses and gradients for less
+        memory and more compute. Not saved with the weights (set ``model.backbone.remat`` to change it).
       **options: a family's own constructor arguments (what its ``config()`` saves with the weights).
 
     Returns:
@@ -75,8 +78,10 @@ def create_model(arch: str = "fcn8s", *, num_classes: int = 21, backbone: str | 
             raise ConfigError(f"{name}=float64 needs 64-bit JAX: run jax.config.update('jax_enable_x64', "
                              f"True) first or use `with jax.enable_x64(True):`")
     given = {k: v for k, v in (("backbone", backbone), ("batch_norm", batch_norm)) if v is not None}
-    return cls(num_classes, **given, dtype=dtype, param_dtype=param_dtype, precision=precision,
-               rngs=nnx.Rngs(seed), **options)
+    model = cls(num_classes, **given, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                rngs=nnx.Rngs(seed), **options)
+    model.backbone.remat = remat
+    return model
 
 
 def create_backbone(name: str = "vgg16", *, batch_norm: bool | None = None, seed: int = 0, dtype=jnp.float32,

@@ -80,6 +80,7 @@ class ResNetBackbone(nnx.Module):
     """
 
     kind = "resnet"  # a bare backbone file's "model"
+    remat = False  # rematerialise each residual block in the backward pass (set by create_model(remat=True))
     batch_norm = True  # every ResNet has it; kept for the interface VGG backbones share
 
     def __init__(self, name: str = "resnet50", *, batch_norm: bool = True, dtype=jnp.float32,
@@ -108,9 +109,10 @@ class ResNetBackbone(nnx.Module):
     def __call__(self, x: jax.Array) -> dict[str, jax.Array]:
         x = max_pool_3x3_stride_2(jax.nn.relu(self.bn1(self.conv1(x))))
         feats = {}
+        run = nnx.remat(Bottleneck.__call__) if self.remat else Bottleneck.__call__
         for i in range(1, 5):
             for block in getattr(self, f"layer{i}"):
-                x = block(x)
+                x = run(block, x)
             feats[i] = x
         return {"aux": feats[3], "out": feats[4]}
 

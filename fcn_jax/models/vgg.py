@@ -80,6 +80,18 @@ def feature_ranges(name: str, batch_norm: bool) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def _stages(cfg: tuple) -> tuple[tuple[int, ...], ...]:
+    """The conv indices of each stage: the convolutions before each max-pool."""
+    stages, j = [[]], 0
+    for v in cfg:
+        if v == "M":
+            stages.append([])
+        else:
+            stages[-1].append(j)
+            j += 1
+    return tuple(tuple(stage) for stage in stages[:-1])
+
+
 class VGGBackbone(nnx.Module):
     """VGG ``features``: ``(N, H, W, 3)`` NHWC -> ``{"x1": (N, H/2, W/2, 64), ..., "x5": (N, H/32,
     W/32, 512)}``. Pools floor odd sizes like ``torch.nn.MaxPool2d``.
@@ -91,6 +103,7 @@ class VGGBackbone(nnx.Module):
     """
 
     kind = "vgg"  # a bare backbone file's "model"
+    remat = False  # rematerialise each stage in the backward pass (set by create_model(remat=True))
 
     def __init__(self, name: str = "vgg16", *, batch_norm: bool = False, first_padding: int = 1,
                  ceil_mode: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, precision=None,
@@ -108,6 +121,7 @@ class VGGBackbone(nnx.Module):
             for j, (cin, cout) in enumerate(itertools.pairwise([3, *widths]))])
         self.bns = nnx.List([BatchNorm2d(c, dtype=dtype, param_dtype=param_dtype) for c in widths]
                             if batch_norm else [])
+        self.stages = _stages(self.cfg)
 
     def describe(self) -> str:
         """``VGGBackbone(vgg16_bn)``: for messages."""
@@ -119,22 +133,28 @@ class VGGBackbone(nnx.Module):
     def features_and_extents(self, x: jax.Array, extents: jax.Array | None = None) -> tuple[dict, dict]:
         """The features, and with ``extents`` (``(N, 2)`` int: each image's height and width at the top left of a
         zero-padded batch) each feature map's valid extent, everything beyond it set to zero after every layer:
-        exactly what the network computes on each image alone, whose borders it pads with zeros."""
-        feats, sizes, j = {}, {}, 0
-        for v in self.cfg:
-            if v == "M":
-                x = max_pool_2x2(pad_to_even(x) if self.ceil_mode else x)  # post-ReLU: masked zeros never win
-                if extents is not None:
-                    extents = (extents + 1) // 2 if self.ceil_mode else extents // 2
-                    x = mask_beyond(x, extents)
-                feats[f"x{len(feats) + 1}"], sizes[f"x{len(sizes) + 1}"] = x, extents
-            else:
-                x = self.convs[j](x)
-                if self.batch_norm:
-                    x = self.bns[j](x)
-                x = jax.nn.relu(x)
-                if extents is not None:
-                    extents = extents + 2 * self.convs[j].padding[0] - 2
-                    x = mask_beyond(x, extents)
-                j += 1
+        exactly what the network computes on each image alone, whose borders it pads with zeros.
+
+        With ``remat`` each stage (its convolutions and the pool that ends it) is rematerialised: only the
+        stages' outputs are kept for the backward pass, the rest is computed again there."""
+        stage = nnx.remat(VGGBackbone._stage, static_argnums=(1,)) if self.remat else VGGBackbone._stage
+        feats, sizes = {}, {}
+        for s in range(len(self.stages)):
+            x, extents = stage(self, s, x, extents)
+            feats[f"x{s + 1}"], sizes[f"x{s + 1}"] = x, extents
         return feats, sizes
+
+    def _stage(self, s: int, x: jax.Array, extents: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+        for j in self.stages[s]:
+            x = self.convs[j](x)
+            if self.batch_norm:
+                x = self.bns[j](x)
+            x = jax.nn.relu(x)
+            if extents is not None:
+                extents = extents + 2 * self.convs[j].padding[0] - 2
+                x = mask_beyond(x, extents)
+        x = max_pool_2x2(pad_to_even(x) if self.ceil_mode else x)  # post-ReLU: masked zeros never win
+        if extents is not None:
+            extents = (extents + 1) // 2 if self.ceil_mode else extents // 2
+            x = mask_beyond(x, extents)
+        return x, extents

@@ -107,6 +107,8 @@ class TrainConfig:
     aux_lr_factor: float = _field(10.0, "the aux head learns at this multiple of the learning rate (torchvision: 10)",
                                   check=_above(0))
     learn_upsampling: bool = _field(False, "train the paper nets' bilinear upsampling too (frozen by default)")
+    remat: bool = _field(False, "rematerialise the backbone (each VGG stage, each ResNet block) in the backward "
+                                "pass: less memory for more compute, the same losses")
     dtype: str = _field("float32", "compute dtype (bfloat16 keeps float32 params and BN statistics)",
                         choices=("float32", "bfloat16"))
     # objective and optimisation

@@ -66,7 +66,8 @@ def prepare(config: TrainConfig, resume: bool) -> Prepared:
                              multiple=MODELS[config.arch].size_multiple, **feeding, **shard)
     aux_weight = _aux_weight(config)
     model = create_model(config.arch, num_classes=num_classes, backbone=config.backbone, batch_norm=config.batch_norm,
-                         seed=config.seed, dtype=jnp.dtype(config.dtype), **({"aux_loss": True} if aux_weight else {}))
+                         seed=config.seed, dtype=jnp.dtype(config.dtype), remat=config.remat,
+                         **({"aux_loss": True} if aux_weight else {}))
     if not resume:  # a resumed run's weights come from its checkpoint
         _load_init_weights(model, config)
     schedule = make_schedule(config.schedule, config.lr, total_steps=config.epochs * len(train_loader),
