@@ -65,7 +65,7 @@ def test_compare_float64_is_exact_to_1e8(torch):
     assert all(c.jax_vs_float64 is None for c in result.checks)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_compare_covers_the_paper_nets_at_any_size(torch):
     # Full width (fc6 alone holds 103M weights at 4096 channels): compare builds what users load.
     result = compare_module.compare(arch="fcn8s_atonce_paper", backbone="vgg11", num_classes=3, batch_size=1,

@@ -64,7 +64,7 @@ def test_evaluate_explains_mismatches(folder_with_sizes, tmp_path, capsys):
     assert "pass --dataset" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_train_on_a_folder_dataset_then_evaluate_the_run(folder_with_sizes, tmp_path, capsys):
     root, _ = folder_with_sizes
     (root / "images" / "val").symlink_to(root / "images" / "train")

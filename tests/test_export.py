@@ -53,8 +53,8 @@ def _assert_verified(model, fmt, **options):
 
 @pytest.mark.parametrize("arch,batch_norm", [
     pytest.param("fcn32s", False, marks=SLOW), pytest.param("fcn16s", True, marks=SLOW), ("fcn8s", True),
-    pytest.param("fcns", False, marks=SLOW), pytest.param("fcn32s_paper", False, marks=SLOW),
-    pytest.param("fcn16s_paper", False, marks=SLOW), pytest.param("fcn8s_paper", False, marks=SLOW),
+    pytest.param("fcns", False, marks=SLOW), pytest.param("fcn32s_paper", False, marks=pytest.mark.exhaustive),
+    pytest.param("fcn16s_paper", False, marks=pytest.mark.exhaustive), pytest.param("fcn8s_paper", False, marks=SLOW),
     ("fcn8s_atonce_paper", False)])
 def test_onnx_equals_jax_at_two_sizes(arch, batch_norm):
     _, checks = _assert_verified(_model(arch, batch_norm=batch_norm), "onnx")
@@ -70,7 +70,7 @@ def test_onnx_every_depth(backbone, batch_norm):
     _assert_verified(_model("fcn16s_paper", backbone), "onnx")
 
 
-@SLOW
+@pytest.mark.exhaustive
 def test_the_heatmap_exports_to_both_formats():
     model = fcn_jax.create_model("heatmap", num_classes=5, backbone="vgg11", fc_width=NARROW)  # 4096: 5.5 GB
     model.eval()

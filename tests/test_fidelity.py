@@ -31,6 +31,9 @@ MODELS = list(itertools.product(TUTORIAL_ARCHS, fcn_jax.BACKBONES, (False, True)
 # the backbone's tuple of layers); every arch x depth x BatchNorm is the exhaustive tier.
 COVER = {(a, "vgg11", bn) for a in TUTORIAL_ARCHS for bn in (False, True)} | {("fcn8s", "vgg16", False),
                                                                             ("fcns", "vgg16", True)}
+# Gradients: each arch on vgg11_bn, and a deeper VGG without BatchNorm (the forward cover above already catches a
+# wrong layer with and without BatchNorm; autodiff through it is the same code either way).
+GRADIENT_COVER = {(a, "vgg11", True) for a in TUTORIAL_ARCHS} | {("fcn8s", "vgg16", False)}
 
 
 def matrix(fast: tuple, cover: set = COVER):
@@ -91,7 +94,7 @@ def _softmax_ce(logits, labels, ignore=255):
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
 
 
-@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=("fcns", "vgg11", True)))
+@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=("fcns", "vgg11", True), cover=GRADIENT_COVER))
 def test_gradients_match_reference_float64(torch, arch, backbone, batch_norm):
     """Train-mode gradients of a pixel-wise softmax cross-entropy (ignore label 255), float64."""
     rng = np.random.default_rng(2)
@@ -137,7 +140,7 @@ def test_any_input_size_equals_reference_on_padded_input(torch):
     assert_close(nchw(m(jnp.asarray(nhwc(x)))), ref, EVAL_RTOL, "logits at 45x70")
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_full_size_fcn8s_vgg16_eval(torch):
     tm = random_reference("fcn8s", 21, "vgg16", False, seed=5).eval()
     m = jax_twin(tm, "fcn8s")

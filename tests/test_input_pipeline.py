@@ -231,7 +231,7 @@ def test_a_uint8_step_normalising_on_device_equals_the_float_step():
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_the_donating_step_gives_the_same_results_as_the_one_writing_new_buffers():
     # GPUs and TPUs run the donating step; compile and run it here too.
     x = normalize(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8))

@@ -99,7 +99,7 @@ def test_bfloat16_mixed_precision_keeps_float32_params_and_stats():
     assert np.abs(np.asarray(out, np.float32) - want).max() <= 0.05 * np.abs(want).max()
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_float64_needs_x64_and_works_with_it():
     with pytest.raises(ConfigError, match="jax_enable_x64"):
         fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11", dtype=jnp.float64)

@@ -61,7 +61,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "two.npz"

@@ -77,7 +77,7 @@ def _folder_dataset(root: Path, names: list[str]) -> Path:
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_resume_refuses_a_training_split_that_changed(tmp_path, capsys):
     data = _folder_dataset(tmp_path / "data", [f"im{i}" for i in range(16)])
     run_dir = tmp_path / "run"
@@ -92,7 +92,7 @@ def test_resume_refuses_a_training_split_that_changed(tmp_path, capsys):
     assert "the training split changed since the run started (16 -> 17 samples)" in err
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_after_a_nan_the_advice_works(tmp_path, monkeypatch):
     import fcn_jax.training.run as run
 

@@ -267,7 +267,7 @@ def test_fcn16s_starts_from_a_trained_fcn32s_layer_by_layer(tmp_path):
     np.testing.assert_array_equal(fcn16s.vgg.fc7.kernel[...], fcn32s.vgg.fc7.kernel[...])
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_the_heatmap_command_draws_the_top_classes_with_their_names(tmp_path, capsys):
     from PIL import Image
 

@@ -95,7 +95,7 @@ def test_the_backbone_weights_hint_follows_the_backbone(tmp_path, monkeypatch, c
     assert "fcn-jax convert --torchvision vgg11 --arch heatmap --output vgg11_heatmap.safetensors" in err
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_the_readmes_three_stage_paper_recipe_runs_as_written(tmp_path, monkeypatch, narrow_paper_nets, capsys):
     monkeypatch.chdir(tmp_path)
     root, _ = make_voc_tree(tmp_path / "data")
@@ -370,7 +370,7 @@ def test_a_shared_memory_mount_too_small_for_a_batch_is_named_with_the_fix(monke
         assert set(os.listdir("/dev/shm")) == before  # no segment leaked
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_a_tiny_shared_memory_mount_in_a_real_run(tmp_path):
     # A 1 MiB /dev/shm in a private mount namespace, where this machine allows one (root, unshare).
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:

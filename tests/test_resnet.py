@@ -89,7 +89,7 @@ def test_train_mode_without_dropout_keys_says_what_to_pass():
         model(jnp.zeros((1, 16, 16, 3)), aux=True)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_float64_gradients_match(torch):
     with jax.enable_x64(True):
         model, twin = _pair(dropout=False, seed=3, num_classes=3, dtype=jnp.float64)

@@ -151,7 +151,7 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
         train(config, progress=False)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_bfloat16_training_runs(tmp_path):
     config = resolve_config(**{**SMALL, "synthetic_train": 32, "synthetic_val": 16, "overlays": 0}, epochs=1,
                             dtype="bfloat16", run_dir=str(tmp_path / "bf16"))

@@ -59,7 +59,8 @@ def test_loss_of_a_fully_ignored_batch_is_zero():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,settings", [
     ("sgd", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4)),
-    ("rmsprop", dict(lr=1e-4, momentum=0.0, nesterov=False, weight_decay=1e-5)),  # the reference's recipe
+    pytest.param("rmsprop", dict(lr=1e-4, momentum=0.0, nesterov=False, weight_decay=1e-5),  # the reference's
+                 marks=pytest.mark.exhaustive),
 ])
 def test_training_steps_match_torch_float64(torch, name, settings):
     tm = random_reference("fcn8s", 5, "vgg11", True, seed=11, double=True).train()
