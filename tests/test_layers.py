@@ -32,6 +32,25 @@ def test_conv2d_matches_torch(torch, k, s, p, d):
         assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
 
 
+@pytest.mark.parametrize("h,w,p", [(9, 9, 0), (14, 11, 0), (7, 7, 0), (5, 6, 2)])
+def test_large_kernels_over_small_maps_are_one_matrix_product_and_match_torch(torch, h, w, p):
+    """fc6's case (a 7x7 kernel, a map a few pixels larger): computed as patches x kernel, forward and gradients."""
+    ref = torch.nn.Conv2d(5, 8, 7, padding=p).double()
+    with jax.enable_x64(True):
+        ours = Conv2d(5, 8, 7, padding=p, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        assert ours._by_patches(h, w, 7, 7) and not Conv2d(5, 8, 3, rngs=nnx.Rngs(0))._by_patches(h, w, 3, 3)
+        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
+        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+        x = _x((2, 5, h, w)).astype(np.float64)
+        tx = torch.from_numpy(x).requires_grad_()
+        out = ref(tx)
+        (out ** 2).sum().backward()
+        layer_grads, x_grad = nnx.grad(lambda m, x: (m(x) ** 2).sum(), argnums=(0, 1))(ours, jnp.asarray(nhwc(x)))
+        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), out.detach().numpy(), 1e-12)
+        assert_close(layer_grads["kernel"][...], ref.weight.grad.numpy().transpose(2, 3, 1, 0), 1e-12)
+        assert_close(nchw(x_grad), tx.grad.numpy(), 1e-12)
+
+
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 2)])
 @pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2)])
 def test_conv2d_small_inputs_match_torch(torch, h, w, k, s, p, d):
