@@ -37,7 +37,8 @@ def _layers(size: int) -> list[tuple[str, int, int, int, int, int]]:
             ("score_fr", side - 6, 4096, 21, 1, 0)]
 
 
-def _median_ms(run, repeats: int) -> float:
+def median_ms(run, repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``run`` after one untimed call, in ms."""
     run()
     times = []
     for _ in range(repeats):
@@ -69,10 +70,10 @@ def _time_layer(name: str, side: int, cin: int, cout: int, k: int, pad: int, *, 
         torch.autograd.grad(torch.nn.functional.conv2d(tx, tw, padding=pad), (tx, tw), tg)
 
     return {"layer": name, "input": [side, side, cin], "out_channels": cout, "kernel": k,
-            "jax_forward_ms": _median_ms(lambda: forward(params, x).block_until_ready(), repeats),
-            "jax_backward_ms": _median_ms(lambda: jax.block_until_ready(backward(params, x, g)), repeats),
-            "torch_forward_ms": _median_ms(torch_forward, repeats),
-            "torch_forward_backward_ms": _median_ms(torch_step, repeats)}
+            "jax_forward_ms": median_ms(lambda: forward(params, x).block_until_ready(), repeats),
+            "jax_backward_ms": median_ms(lambda: jax.block_until_ready(backward(params, x, g)), repeats),
+            "torch_forward_ms": median_ms(torch_forward, repeats),
+            "torch_forward_backward_ms": median_ms(torch_step, repeats)}
 
 
 def main() -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from paper_layers import median_ms  # this folder is on the path of a script run from it
 
 from fcn_jax.models.layers import Conv2d
 from fcn_jax.models.resnet import BLOCKS, DILATE, EXPANSION, STRIDES, WIDTHS
@@ -52,16 +51,6 @@ def _convolutions(arch: str, size: int) -> collections.Counter:
     return found
 
 
-def _median_ms(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def _time(side, cin, cout, k, stride, dilation, *, batch: int, repeats: int, torch) -> tuple[float, float]:
     pad = dilation * (k // 2)
     layer = Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, use_bias=False, rngs=nnx.Rngs(0))
@@ -75,8 +64,8 @@ def _time(side, cin, cout, k, stride, dilation, *, batch: int, repeats: int, tor
         with torch.no_grad():
             torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad, dilation=dilation)
 
-    return (_median_ms(lambda: forward(params, x).block_until_ready(), repeats),
-            _median_ms(torch_forward, repeats))
+    return (median_ms(lambda: forward(params, x).block_until_ready(), repeats),
+            median_ms(torch_forward, repeats))
 
 
 def main() -> None:
