@@ -100,5 +100,5 @@ def test_label_out_of_range_is_a_clear_error():
 def test_unknown_dataset_says_what_is_available():
     with pytest.raises(DatasetError,
                        match="unknown dataset 'imagenet'; choose one of synthetic, voc, camvid, camvid11, "
-                                         "cityscapes, folder"):
+                                         "cityscapes, coco, folder"):
         get_dataset("imagenet", "train")
