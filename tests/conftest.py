@@ -46,6 +46,18 @@ def _free_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _remove_shared_folders(request, tmp_path_factory):
+    """Folders made by module- and session-scoped fixtures (``tmp_path_factory.mktemp``: trained runs, weights
+    files, ~1 GB a run) are not covered by pytest's per-test retention policy: removed at the end of a run
+    in which no test failed (a failed run keeps everything to look at)."""
+    yield
+    if request.session.testsfailed == 0:
+        base = tmp_path_factory.getbasetemp()
+        for child in base.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def torch():
     torch = pytest.importorskip("torch")
