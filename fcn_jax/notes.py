@@ -3,8 +3,9 @@ through :func:`note`, the ``fcn_jax`` logger, so ``train()`` from Python says wh
 
 On the first note the library gives that logger a handler of its own, unless the application gave it one
 first: ``note: ...`` lines on the standard error of that moment (notebooks and test harnesses replace it).
-To route the notes elsewhere, add a handler to ``logging.getLogger("fcn_jax")`` before using fcn-jax; to
-silence them, set that logger's level above INFO. Importing fcn-jax configures nothing.
+While the logger's level is unset, each note sets it to INFO. To route the notes elsewhere, add a handler to
+``logging.getLogger("fcn_jax")`` before using fcn-jax; to silence them, set that logger's level above INFO.
+Importing fcn-jax configures nothing.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def logger() -> logging.Logger:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         log.addHandler(handler)
-        if log.level == logging.NOTSET:
-            log.setLevel(logging.INFO)
+    # Checked on every note, not only when the handler is added: code that sets the level and later puts it back
+    # (pytest's caplog.at_level) leaves it unset, and the notes would fall below the root logger's WARNING.
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
     return log
 
 

@@ -54,6 +54,7 @@ def _tensor(path: Path, key: str) -> np.ndarray:
 # --- staged training: the previous stage wins ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_weights_win_over_backbone_weights_and_the_note_names_each_layers_file(tmp_path, narrow_paper_nets,
                                                                                       caplog):
     from fcn_jax.training.config import resolve_config
@@ -117,6 +118,28 @@ def test_the_readmes_three_stage_paper_recipe_runs_as_written(tmp_path, monkeypa
 
 
 # --- no command writes over one of its inputs ------------------------------------------------------------------
+
+
+def test_notes_still_show_after_a_caller_puts_the_loggers_level_back_to_unset(capsys):
+    """Seen in the suite: code that sets the fcn_jax logger's level and puts it back (pytest's caplog.at_level)
+    left it unset with the library's handler already attached, so every later note fell below the root logger's
+    WARNING and vanished."""
+    import logging
+
+    from fcn_jax.notes import LOGGER, note
+
+    log = logging.getLogger(LOGGER)
+    note("the handler is attached")
+    saved = log.level
+    try:
+        log.setLevel(logging.NOTSET)
+        note("after the reset")
+        assert "note: after the reset" in capsys.readouterr().err
+        log.setLevel(logging.WARNING)  # a level the caller chose is kept
+        note("silenced")
+        assert "silenced" not in capsys.readouterr().err
+    finally:
+        log.setLevel(saved)
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +272,7 @@ BROKEN_CONTRACTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("case", sorted(BROKEN_CONTRACTS))
 def test_a_sample_that_breaks_the_dataset_contract_is_named(case, workers):
@@ -339,6 +363,7 @@ def test_a_pth_given_where_fcn_jax_weights_belong_names_fcn_jax_convert(tmp_path
     assert "is a PyTorch file" in err and f"fcn-jax convert --input {pth}" in err
 
 
+@pytest.mark.slow
 def test_converting_a_paper_file_into_another_paper_head_is_one_clear_error(tmp_path, capsys, torch):
     from fcn_jax.pytorch.paper_reference import build_paper_model
 
