@@ -30,17 +30,20 @@ train: $(VENV)/.core
 
 # What CI runs: the linter, then the suite but the exhaustive matrices, on two worker processes (pytest-xdist;
 # most of a test's time is single-threaded XLA compilation, so two workers overlap well on two cores).
+# --dist loadgroup: the tests that share an expensive module fixture (a trained run) carry
+# xdist_group("<fixture>") and run on one worker, so the fixture is made once, not once per worker.
+XDIST := -n 2 --dist loadgroup
 test: lint
-	$(PY) -m pytest -q -n 2 -m "not exhaustive"
+	$(PY) -m pytest -q $(XDIST) -m "not exhaustive"
 
 # The quick tier: everything but the tests marked slow or exhaustive.
 test-fast: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 -m "not slow and not exhaustive"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not exhaustive"
 
 # The full matrices (every arch x depth x BatchNorm, the ConvTranspose grid, every paper head x depth, FCN-ResNet101)
 # and the longest twins of slow tests (the six-process preemption run, SIGINT beside SIGTERM): on demand.
 test-exhaustive: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 -m exhaustive
+	$(PY) -m pytest -q $(XDIST) -m exhaustive
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

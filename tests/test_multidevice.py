@@ -21,9 +21,9 @@ RTOL = 1e-5
 
 
 def _env(devices_per_process: int) -> dict:
-    env = {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
-    return env
+    devices = f"--xla_force_host_platform_device_count={devices_per_process}"
+    return {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}"}
 
 
 def _run(out: Path, devices: int, devices_per_process: int) -> dict:

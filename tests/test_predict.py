@@ -12,6 +12,8 @@ from fcn_jax.cli import main
 from fcn_jax.data import normalize
 from fcn_jax.data.synthetic import SyntheticShapes
 
+pytestmark = pytest.mark.xdist_group("weights")  # one worker makes the module's weights file
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
@@ -28,6 +30,7 @@ def _images():
     return [rng.integers(0, 255, shape, np.uint8) for shape in [(20, 30, 3), (45, 33, 3), (20, 30, 3), (7, 9, 3)]]
 
 
+@pytest.mark.slow
 def test_predict_api_equals_one_image_at_a_time(weights):
     model = fcn_jax.load_model(weights)
     images = _images()
@@ -43,6 +46,7 @@ def test_predict_api_equals_one_image_at_a_time(weights):
         fcn_jax.predict(model, [np.zeros((4, 4), np.uint8)])
 
 
+@pytest.mark.slow
 def test_predict_command_writes_masks_overlays_indices_logits(weights, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -65,6 +69,7 @@ def test_predict_command_writes_masks_overlays_indices_logits(weights, tmp_path,
     assert main(["predict", str(weights), str(tmp_path / "none*.png"), "--output", str(out)]) == 2
 
 
+@pytest.mark.slow
 def test_inputs_that_share_a_stem_get_outputs_of_their_own(weights, tmp_path, capsys):
     images = _images()
     for i, relative in enumerate(["a/x.png", "b/x.png", "b/x.jpg"]):
@@ -89,6 +94,7 @@ def test_an_output_that_is_a_file_is_refused_before_any_work(weights, tmp_path, 
     assert "--output taken" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
 
 
+@pytest.mark.slow
 def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path, capsys, monkeypatch):
     import fcn_jax.inference.prediction as prediction
 
@@ -103,6 +109,7 @@ def test_an_image_too_large_for_memory_is_refused_with_the_fix(weights, tmp_path
     assert Image.open(tmp_path / "out" / "big_index.png").size == (600, 400)  # scaled back to the image
 
 
+@pytest.mark.slow
 def test_the_weights_files_normalisation_is_used_unless_one_is_given(tmp_path, capsys):
     from fcn_jax.inference.runs import input_normalization
 

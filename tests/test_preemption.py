@@ -1,6 +1,6 @@
 """A real training process told to stop (SIGTERM from a scheduler, Ctrl-C from a user) finishes its step,
 writes a checkpoint of it, says how to resume and exits with 75; resuming ends bit-identical to a run that
-was never interrupted. Single process and two processes (jax.distributed on localhost)."""
+was never interrupted, as it does after SIGKILL. Single process and two processes (jax.distributed on localhost)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 def _env(devices: int = 1) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def _train(run_dir: Path, *extra: str) -> list[str]:
@@ -63,6 +63,7 @@ def straight(tmp_path_factory) -> dict:
     return _final(run_dir)
 
 
+@pytest.mark.xdist_group("straight")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.exhaustive)])
 def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path, sig):
     run_dir = tmp_path / "run"
@@ -79,6 +80,30 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight
     assert f"stopped at step {stopped}" in text and f"checkpoint of step {stopped}" in text
     assert f"fcn-jax train --resume --run-dir {run_dir}" in text
     resumed = subprocess.run(_train(run_dir, "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same(straight, _final(run_dir))
+
+
+@pytest.mark.xdist_group("straight")
+def test_a_killed_run_resumes_bit_identical(straight, tmp_path):
+    """SIGKILL (no handler runs) somewhere inside a step or a save; also checkpointing every 3 steps instead of
+    never must not change the result."""
+    run_dir = tmp_path / "run"
+    every_3 = ("--checkpoint-every-steps", "3")
+    proc = subprocess.Popen(_train(run_dir, *every_3), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if any(p.name.isdigit() and int(p.name) >= 6 for p in (run_dir / "checkpoints").glob("*")):
+            time.sleep(0.7)  # land somewhere inside a later step or save
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final.safetensors").exists()
+    resumed = subprocess.run(_train(run_dir, *every_3, "--resume"), env=_env(), capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(straight, _final(run_dir))
 

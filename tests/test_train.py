@@ -1,15 +1,9 @@
-"""The training program end to end: it learns, writes its run directory, resumes to the bit after
-being killed, and stops cleanly on a NaN loss."""
+"""The training program end to end: it learns, writes its run directory, and stops cleanly on a NaN loss
+(resuming to the bit after being killed or stopped: tests/test_preemption.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +14,6 @@ from fcn_jax.errors import ConfigError, TrainingDiverged
 from fcn_jax.training.config import resolve_config
 from fcn_jax.training.run import train
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(synthetic_size=32, synthetic_train=256, synthetic_val=64, batch_size=16, lr=3e-3, warmup_steps=5,
              workers=1, overlays=2)
 
@@ -32,6 +25,7 @@ def short_run(tmp_path_factory):
     return run_dir, metrics
 
 
+@pytest.mark.xdist_group("short_run")
 @pytest.mark.slow
 def test_short_training_learns(short_run):
     _, metrics = short_run
@@ -40,6 +34,7 @@ def test_short_training_learns(short_run):
     assert min(v for k, v in metrics["per_class_iou"].items() if k != "background") > 0.25, metrics
 
 
+@pytest.mark.xdist_group("short_run")
 @pytest.mark.slow
 def test_run_directory_has_everything(short_run):
     run_dir, _ = short_run
@@ -60,6 +55,7 @@ def test_run_directory_has_everything(short_run):
     assert model.arch == "fcns" and model.num_classes == 5
 
 
+@pytest.mark.xdist_group("short_run")
 @pytest.mark.slow
 def test_a_finished_run_is_not_overwritten_and_resume_refuses_other_settings(short_run, capsys):
     run_dir, _ = short_run
@@ -85,44 +81,6 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [2, 4, 5]
     data, info = RunCheckpoints(tmp_path, keep=2).restore(2, model, optimizer)
     assert data == {"epoch": 0, "batch": 2} and info == {"step": 2}
-
-
-def _cli(run_dir: Path, *extra: str) -> list[str]:
-    args = [sys.executable, "-m", "fcn_jax.cli", "train", "--run-dir", str(run_dir), "--no-progress",
-            "--synthetic-size", "32", "--synthetic-train", "96", "--synthetic-val", "32", "--batch-size", "8",
-            "--epochs", "2", "--checkpoint-every-steps", "3", "--workers", "1", "--overlays", "0", *extra]
-    return args
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-
-
-@pytest.mark.slow
-def test_killed_and_resumed_run_ends_bit_identical(tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cli(straight), env=_env(), check=True, capture_output=True, timeout=600)
-
-    proc = subprocess.Popen(_cli(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if any(p.name.isdigit() and int(p.name) >= 6 for p in (killed / "checkpoints").glob("*")):
-            time.sleep(0.7)  # land somewhere inside a later step or save
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "final.safetensors").exists()
-    resumed = subprocess.run(_cli(killed, "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-    from safetensors.numpy import load_file
-
-    a, b = load_file(straight / "final.safetensors"), load_file(killed / "final.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 @pytest.mark.slow
