@@ -221,6 +221,7 @@ def tiny_family():
     registry.unregister("tiny_family")
 
 
+@pytest.mark.slow
 def test_a_family_registered_in_a_test_goes_through_every_path(tiny_family, tmp_path, capsys):
     import fcn_jax
     from fcn_jax.cli import main

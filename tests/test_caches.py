@@ -31,6 +31,7 @@ def _folder(cache: Path) -> str:
                           check=True).stdout.strip()
 
 
+@pytest.mark.slow
 def test_the_switch_and_a_folder_of_ones_own_win(tmp_path):
     code = ("import os, fcn_jax; folder = fcn_jax.use_compile_cache(); import jax; "
             "print(folder, jax.config.jax_compilation_cache_dir)")

@@ -24,6 +24,7 @@ def fcn_pth(torch, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_convert_whole_fcn_with_verify(fcn_pth, tmp_path, capsys):
     out = tmp_path / "fcn16s.safetensors"
     rc = main(["convert", "--input", str(fcn_pth), "--arch", "fcn16s", "--output", str(out), "--verify",
@@ -38,6 +39,7 @@ def test_convert_whole_fcn_with_verify(fcn_pth, tmp_path, capsys):
                                                                                                True)
 
 
+@pytest.mark.slow
 def test_convert_back_to_pth_round_trips(fcn_pth, tmp_path, torch):
     mid, back = tmp_path / "m.safetensors", tmp_path / "back.pth"
     assert main(["convert", "--input", str(fcn_pth), "--arch", "fcn16s", "--output", str(mid)]) == 0
@@ -78,6 +80,7 @@ def test_torchvision_download_failure_says_what_to_do(monkeypatch, tmp_path, cap
     assert main(["convert", "--torchvision", "resnet50", "--output", str(tmp_path / "v.safetensors")]) == 2
 
 
+@pytest.mark.slow
 def test_torchvision_weights_build_an_fcn_around_the_backbone(monkeypatch, tmp_path, capsys, torch):
     import torchvision
     import torchvision.models._api as api
@@ -93,6 +96,7 @@ def test_torchvision_weights_build_an_fcn_around_the_backbone(monkeypatch, tmp_p
                                   tv.features[0].weight.detach().numpy().transpose(2, 3, 1, 0))
 
 
+@pytest.mark.slow
 def test_verify_failure_exits_1(fcn_pth, tmp_path, monkeypatch, capsys):
     from fcn_jax.pytorch import parity
 

@@ -19,6 +19,7 @@ ROWS = [f"{s} {n}" for s in ("eval", "train") for n in ("x1", "x2", "x3", "x4", 
     "train loss", "step gradients", "step bn stats", "step parameters"]
 
 
+@pytest.mark.slow
 def test_compare_reports_fidelity_and_speed(torch, tmp_path, capsys):
     out = tmp_path / "cmp.json"
     rc = main(["compare", *TINY, "--json", str(out)])
@@ -56,7 +57,7 @@ def test_speed_table_points_at_the_allocator_when_steps_page_fault():
     assert any("GLIBC_TUNABLES" in line for line in noisy)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive
 def test_compare_float64_is_exact_to_1e8(torch):
     result = compare_module.compare(arch="fcns", backbone="vgg11", batch_norm=True, num_classes=3, size=(32, 32),
                                     float64=True, speed=False, progress=False)
@@ -76,6 +77,7 @@ def test_compare_covers_the_paper_nets_at_any_size(torch):
     assert max(c.relative for c in result.checks) <= 1e-4
 
 
+@pytest.mark.slow
 def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
     """An error of 5% of the largest gradient in one tensor (a wrong layout or BN formula gives
     far more; the max-pool bug found by this tool gave 60%) exits 1."""
@@ -94,6 +96,7 @@ def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
     assert "differ by more than the tolerance" in captured.err
 
 
+@pytest.mark.slow
 def test_compare_loads_weights_files(torch, tmp_path):
     tm = random_reference("fcn8s", 4, "vgg11", False, seed=3)
     pth = tmp_path / "ref.pth"
@@ -127,6 +130,7 @@ def test_a_json_path_that_is_a_folder_is_refused_before_comparing(torch, tmp_pat
     assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compare_on_nan_weights_says_so(torch, tmp_path, capsys):
     import jax.numpy as jnp
 

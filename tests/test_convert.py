@@ -28,6 +28,7 @@ def _load_error(model, source) -> str:
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_torch_to_flax_to_torch_is_bit_exact(ref):
     model = _model()
     fcn_jax.load_torch_state_dict(model, ref.state_dict())
@@ -40,6 +41,7 @@ def test_torch_to_flax_to_torch_is_bit_exact(ref):
     assert back["bn1.num_batches_tracked"].dtype == np.int64 and back["bn1.num_batches_tracked"] > 0
 
 
+@pytest.mark.slow
 def test_flax_to_torch_to_flax_is_bit_exact_and_torch_accepts_it_strictly(torch):
     from fcn_jax.pytorch.reference import build_torch_model
 
@@ -53,6 +55,7 @@ def test_flax_to_torch_to_flax_is_bit_exact_and_torch_accepts_it_strictly(torch)
         np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_backbone_to_torchvision_layout(torch):
     import torchvision
 
@@ -73,6 +76,7 @@ def test_whole_fcn_state_dict_loads_into_a_backbone(ref, caplog):
     np.testing.assert_array_equal(backbone.bns[0].var[...], ref.pretrained_net.features[1].running_var.numpy())
 
 
+@pytest.mark.slow
 def test_torchvision_state_dict_into_whole_fcn_says_use_the_backbone(torch):
     import torchvision
 
@@ -144,6 +148,7 @@ def test_infer_config(ref, torch):
         "layout": "vgg", "backbone_only": True, "backbone": "vgg19", "batch_norm": False}
 
 
+@pytest.mark.slow
 def test_bad_files_get_clear_errors(torch, tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint" * 10)
     torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pth")
@@ -162,6 +167,7 @@ def test_bad_files_get_clear_errors(torch, tmp_path):
         assert message in _load_error(_model(), tmp_path / name), name
 
 
+@pytest.mark.slow
 def test_truncated_zip_checkpoint(ref, torch, tmp_path):
     path = tmp_path / "cut.pth"
     torch.save(ref.state_dict(), path)

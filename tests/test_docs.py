@@ -21,6 +21,7 @@ def _snippets(page: Path) -> list[tuple[str, bool]]:
 RUNNABLE = [page for page in PAGES if any(runs for _, runs in _snippets(page))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", RUNNABLE, ids=[p.relative_to(ROOT).as_posix() for p in RUNNABLE])
 def test_every_snippet_of_the_page_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # snippets that write files write them here

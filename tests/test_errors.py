@@ -71,6 +71,7 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch):
         main(["summary", "--arch", "fcn32s"])
 
 
+@pytest.mark.slow
 def test_a_bug_keeps_its_traceback_and_exits_1():
     code = ("import importlib, sys\n"
             "s = importlib.import_module('fcn_jax.models.summary')\n"

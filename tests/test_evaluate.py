@@ -29,6 +29,7 @@ def folder_with_sizes(tmp_path):
     return root, weights
 
 
+@pytest.mark.slow
 def test_bucketed_evaluation_equals_whole_image_evaluation(folder_with_sizes, tmp_path, capsys):
     root, weights = folder_with_sizes
     out = tmp_path / "report" / "eval"
@@ -83,6 +84,7 @@ def test_train_on_a_folder_dataset_then_evaluate_the_run(folder_with_sizes, tmp_
     assert masks[0].shape == (20, 30)
 
 
+@pytest.mark.slow
 def test_an_output_folder_gets_the_reports_inside(folder_with_sizes, tmp_path, capsys):
     root, weights = folder_with_sizes
     out = tmp_path / "reports"

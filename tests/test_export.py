@@ -51,11 +51,11 @@ def _assert_verified(model, fmt, **options):
     return data, checks
 
 
+@pytest.mark.slow  # fcn8s: every layer kind of the tutorial's heads; the paper's fcn8s heads: theirs
 @pytest.mark.parametrize("arch,batch_norm", [
-    pytest.param("fcn32s", False, marks=SLOW), pytest.param("fcn16s", True, marks=SLOW), ("fcn8s", True),
-    pytest.param("fcns", False, marks=SLOW), pytest.param("fcn32s_paper", False, marks=pytest.mark.exhaustive),
-    pytest.param("fcn16s_paper", False, marks=pytest.mark.exhaustive), pytest.param("fcn8s_paper", False, marks=SLOW),
-    ("fcn8s_atonce_paper", False)])
+    ("fcn8s", True), ("fcn8s_paper", False), ("fcn8s_atonce_paper", False),
+    *(pytest.param(arch, bn, marks=pytest.mark.exhaustive) for arch, bn in (
+        ("fcn32s", False), ("fcn16s", True), ("fcns", False), ("fcn32s_paper", False), ("fcn16s_paper", False)))])
 def test_onnx_equals_jax_at_two_sizes(arch, batch_norm):
     _, checks = _assert_verified(_model(arch, batch_norm=batch_norm), "onnx")
     assert {c.shape[1:3] for c in checks} == {(64, 96), (37, 45)}  # dynamic height and width, any size
@@ -78,6 +78,7 @@ def test_the_heatmap_exports_to_both_formats():
         _assert_verified(model, fmt)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,batch_norm", [("fcn8s", True),
                                              pytest.param("fcn8s_atonce_paper", False,
                                                           marks=pytest.mark.exhaustive)])
@@ -105,7 +106,8 @@ def test_stablehlo_every_other_architecture(arch, batch_norm):
     _assert_verified(_model(arch, batch_norm=batch_norm), "stablehlo")
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "stablehlo"])
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("stablehlo", marks=pytest.mark.exhaustive)])
 def test_preprocessing_takes_uint8_rgb_and_returns_the_class_ids_of_the_model(fmt):
     model = _model("fcn8s", batch_norm=True, num_classes=4)
     data, checks = _assert_verified(model, fmt, with_preprocessing=True, normalization="caffe", scores=True)
@@ -124,6 +126,7 @@ def test_preprocessing_takes_uint8_rgb_and_returns_the_class_ids_of_the_model(fm
     np.testing.assert_allclose(np.asarray(scores).sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.exhaustive  # CI: test_stablehlo_reloads_without_fcn_jax (batch, height and width symbolic)
 def test_stablehlo_at_a_fixed_size_takes_any_batch():
     model = _model("fcn16s_paper")
     data, checks = _assert_verified(model, "stablehlo", size=(37, 45))
@@ -131,6 +134,7 @@ def test_stablehlo_at_a_fixed_size_takes_any_batch():
     assert "float32[b,37,45,3]" in str(jax.export.deserialize(bytearray(data)).in_avals)
 
 
+@pytest.mark.slow
 def test_export_command_writes_verifies_and_reports(tmp_path, capsys):
     fcn_jax.save_weights(_model("fcn8s", batch_norm=True), tmp_path / "m.safetensors", normalization="reference")
     out = tmp_path / "seg.onnx"  # the name in docs/deploy.md
@@ -151,6 +155,7 @@ def test_export_command_writes_verifies_and_reports(tmp_path, capsys):
     assert sum(eval(done.stdout.strip().splitlines()[-1]).values()) == 50 * 70
 
 
+@pytest.mark.slow
 def test_an_export_that_differs_fails_with_exit_1(tmp_path, capsys, monkeypatch):
     from fcn_jax.deploy import onnx_graph as onnx_export
 
@@ -173,6 +178,7 @@ def test_bad_export_options_are_one_clear_error(options, message):
         export(_model("fcn32s"), **options)
 
 
+@pytest.mark.slow
 def test_bad_export_inputs_at_the_command_line(tmp_path, capsys, monkeypatch):
     import importlib.util
 

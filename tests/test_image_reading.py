@@ -72,6 +72,7 @@ def test_a_mask_drawn_on_the_stored_pixels_is_an_error_with_the_fix(tmp_path):
         get_dataset("folder", "train", data_dir=str(root))[0]
 
 
+@pytest.mark.slow
 def test_predict_masks_have_the_displayed_size(tmp_path):
     _phone_photo(tmp_path / "in" / "photo.jpg", _stored())
     model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11")

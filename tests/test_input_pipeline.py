@@ -47,6 +47,7 @@ def _two_epochs(loader):
         return [b for _ in range(2) for b in loader]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_batches_are_the_same_for_any_number_of_workers(augment):
     reference = _two_epochs(_loader(0, augment))
@@ -61,6 +62,7 @@ def test_batches_are_the_same_for_any_number_of_workers(augment):
     np.testing.assert_array_equal(normalize(raw[4]["image"]), reference[4]["image"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_a_state_saved_with_some_workers_resumes_with_any_other_count(augment):
     reference = _two_epochs(_loader(0, augment, normalization=None))
@@ -186,6 +188,7 @@ _HOLDS_WORKERS = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM", "SIGINT to the process group"])
 def test_no_worker_outlives_the_main_process(tmp_path, how):
     script = tmp_path / "hold.py"
@@ -217,7 +220,7 @@ def test_device_normalisation_gives_the_hosts_bits():
         np.testing.assert_array_equal(on_device, normalize(images, mode))
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # CI: test_device_normalisation_gives_the_hosts_bits (the step is the same function after it)
 def test_a_uint8_step_normalising_on_device_equals_the_float_step():
     x = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
     y = np.random.default_rng(2).integers(0, 5, (2, 32, 32)).astype(np.int32)
@@ -279,6 +282,7 @@ def counting_device_reads():
         ArrayImpl._value, ArrayImpl.__array__, np.asarray, np.array = value, to_numpy, asarray, array
 
 
+@pytest.mark.slow
 def test_the_steps_between_two_log_points_never_read_from_the_devices():
     model = fcn_jax.create_model("fcns", num_classes=5, backbone="vgg11", batch_norm=True, seed=0)
     optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
@@ -300,7 +304,7 @@ def test_the_steps_between_two_log_points_never_read_from_the_devices():
     assert len(reads) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # CI: test_the_steps_between_two_log_points_never_read_from_the_devices
 def test_the_training_loop_reads_from_the_devices_per_log_point_not_per_step(tmp_path):
     from fcn_jax.training.config import resolve_config
     from fcn_jax.training.run import train

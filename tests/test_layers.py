@@ -21,6 +21,7 @@ def _x(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 0, 1), (5, 1, 2, 2), (3, 3, 2, 1)])
 def test_conv2d_matches_torch(torch, k, s, p, d):
     ref = torch.nn.Conv2d(4, 6, k, stride=s, padding=p, dilation=d)
@@ -32,6 +33,7 @@ def test_conv2d_matches_torch(torch, k, s, p, d):
         assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w,p", [(9, 9, 0), (14, 11, 0), (7, 7, 0), (5, 6, 2)])
 def test_large_kernels_over_small_maps_are_one_matrix_product_and_match_torch(torch, h, w, p):
     """fc6's case (a 7x7 kernel, a map a few pixels larger): computed as patches x kernel, forward and gradients."""
@@ -51,6 +53,7 @@ def test_large_kernels_over_small_maps_are_one_matrix_product_and_match_torch(to
         assert_close(nchw(x_grad), tx.grad.numpy(), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(1, 1), (1, 2), (2, 2), (2, 4), (4, 2)])
 @pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (3, 2, 1, 1), (3, 1, 2, 2)])
 def test_conv2d_small_inputs_match_torch(torch, h, w, k, s, p, d):
@@ -76,6 +79,7 @@ def test_conv2d_small_inputs_match_torch(torch, h, w, k, s, p, d):
     assert_close(grads["bias"][...], ref.bias.grad.numpy(), 1e-10, "bias")
 
 
+@pytest.mark.slow
 def test_conv2d_small_inputs_keep_xla_from_swapping_operands():
     """On a 2x4 input XLA would swap the convolution's operands (a reversed-kernel window) and its CPU
     backend would run that ~50x slower; the zero-extended input keeps the ordinary convolution, also
@@ -108,6 +112,7 @@ def _tiered(settings, fast: set, cover: set):
             for t in settings]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,s,p,op,d", _tiered(TRANSPOSE_SETTINGS, TRANSPOSE_COVER, TRANSPOSE_COVER))
 def test_conv_transpose2d_matches_torch(torch, k, s, p, op, d):
     ref = torch.nn.ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d)
@@ -150,6 +155,7 @@ def test_conv_transpose2d_gradients_match_torch(torch, k, s, p, op, d):
     _check_conv_transpose_float64(torch, k, s, p, op, d, 7, 6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(1, 1), (2, 1), (1, 2), (2, 2)])
 @pytest.mark.parametrize("k,s,p,op,d", [(3, 2, 1, 1, 1), (1, 2, 0, 1, 1), (4, 3, 2, 2, 1), (3, 1, 1, 0, 2)])
 def test_conv_transpose2d_small_inputs_match_torch(torch, h, w, k, s, p, op, d):
@@ -157,6 +163,7 @@ def test_conv_transpose2d_small_inputs_match_torch(torch, h, w, k, s, p, op, d):
     _check_conv_transpose_float64(torch, k, s, p, op, d, h, w)
 
 
+@pytest.mark.slow
 def test_fcn_deconv_doubles_size_and_same_padding_would_not_match(torch):
     """The FCN deconv (k3 s2 p1 op1) maps H -> 2H; Flax's padding="SAME" has that shape but is
     shifted by one pixel, which is why ConvTranspose2d uses explicit padding."""
@@ -187,6 +194,7 @@ def test_max_pool_matches_torch_including_odd_sizes(torch, h, w):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(8, 8), (7, 9), (3, 5)])
 def test_max_pool_gradient_matches_torch_with_ties(torch, h, w):
     """Ties (windows of zeros after ReLU, repeated values) send the whole gradient to the first
@@ -203,6 +211,7 @@ def test_max_pool_gradient_matches_torch_with_ties(torch, h, w):
     np.testing.assert_array_equal(nchw(dx), xt.grad.numpy())
 
 
+@pytest.mark.slow
 def test_max_pool_gradient_under_jit_matches_autodiff_float32(monkeypatch):
     """Under jit XLA recomputes the pool's input (conv -> BatchNorm -> ReLU) inside backward fusions
     with different rounding; the gradient must still reach every window's maximum, as autodiff of
@@ -291,6 +300,7 @@ def test_batchnorm_train_mode_needs_two_values_per_channel():
         BatchNorm2d(3)(jnp.ones((1, 1, 1, 3)))
 
 
+@pytest.mark.slow
 def test_precision_argument_reaches_the_convolution():
     conv = Conv2d(2, 2, 3, padding=1, precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(0))
     assert "precision=(Precision.HIGHEST, Precision.HIGHEST)" in str(jax.make_jaxpr(conv)(jnp.ones((1, 4, 4, 2))))

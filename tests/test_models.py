@@ -52,14 +52,16 @@ def _stages(name):
     return stages
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", TUTORIAL_ARCHS)  # the paper's: tests/test_paper_models.py
-@pytest.mark.parametrize("h,w", [(32, 64), (1, 1), (45, 70)])
+@pytest.mark.parametrize("h,w", [(1, 1), (45, 70), pytest.param(32, 64, marks=pytest.mark.exhaustive)])
 def test_logits_have_input_size_and_num_classes(arch, h, w):
     model = fcn_jax.create_model(arch, num_classes=4, backbone="vgg11")
     model.eval()
     assert model(jnp.zeros((2, h, w, 3))).shape == (2, h, w, 4)
 
 
+@pytest.mark.slow
 def test_backbone_returns_five_pooled_features(small_model):
     feats = small_model.backbone(jnp.zeros((1, 64, 96, 3)))
     assert {k: v.shape for k, v in feats.items()} == {
@@ -67,6 +69,7 @@ def test_backbone_returns_five_pooled_features(small_model):
         "x4": (1, 4, 6, 512), "x5": (1, 2, 3, 512)}
 
 
+@pytest.mark.slow
 def test_padding_rule_is_zero_pad_bottom_right_then_crop(small_model):
     small_model.eval()
     x = jax.random.normal(jax.random.key(0), (1, 40, 50, 3))
@@ -74,6 +77,7 @@ def test_padding_rule_is_zero_pad_bottom_right_then_crop(small_model):
     np.testing.assert_allclose(small_model(x), small_model(padded)[:, :40, :50], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_mode_updates_running_stats_and_eval_mode_does_not():
     model = fcn_jax.create_model("fcns", num_classes=2, backbone="vgg11", batch_norm=True)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
@@ -110,6 +114,7 @@ def test_float64_needs_x64_and_works_with_it():
         assert out.dtype == jnp.float64 and model.bn1.var[...].dtype == jnp.float64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kwargs,message", [
     ({"arch": "fcn4s"}, "unknown arch 'fcn4s'; choose one of fcn32s, fcn16s, fcn8s, fcns"),
     ({"backbone": "resnet50"}, "unknown backbone 'resnet50'"),
@@ -144,6 +149,7 @@ def test_summary_counts_match_torchvision_vgg16():
     assert "backbone.convs.12.kernel" in text and "(3, 3, 512, 512)" in text
 
 
+@pytest.mark.slow
 def test_core_import_does_not_import_torch():
     code = ("import sys, fcn_jax; fcn_jax.create_model('fcn8s', backbone='vgg11'); "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -20,6 +20,7 @@ def _modes(model) -> set:
     return {model.bn1.use_running_average, model.backbone.bns[0].use_running_average}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [True, False])
 def test_predict_and_evaluate_leave_the_mode_they_found(model, train):
     model.train() if train else model.eval()

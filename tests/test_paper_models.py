@@ -67,8 +67,8 @@ def test_ceil_mode_pooling_matches_pytorch_forward_and_backward(torch):
     np.testing.assert_array_equal(nchw(np.asarray(jax.grad(pooled_sum)(jnp.asarray(x)))), tx.grad.numpy())
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=[] if a == "fcn8s_atonce_paper" else [pytest.mark.slow])
-                                  for a in PAPER_ARCHS])
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", PAPER_ARCHS)
 def test_each_paper_head_matches_the_reference_at_any_size(torch, arch):
     model, twin = _pair(arch)
     for size in ((1, 1), (31, 47)):
@@ -91,7 +91,7 @@ def test_train_mode_with_dropout_off_and_odd_sizes_match(torch):
         _check_logits(model, twin, torch, size, train=True)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # the CI cover: ceil-mode pooling forward and backward, every head forward, frozen upsampling
 def test_float64_gradients_match(torch):
     from fcn_jax.pytorch.paper_reference import build_paper_model
 
@@ -152,7 +152,7 @@ def test_a_layout_given_to_the_other_family_names_the_right_arch():
             nnx.eval_shape(lambda: fcn_jax.create_model("fcn16s_paper", backbone="vgg11")), tutorial)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # 4096-wide fc6/fc7 at 224x224 beside torchvision's VGG: 5.6 GB, over a CI worker's budget
 def test_the_heatmap_at_224_is_torchvisions_classifier_and_scores_larger_images(torch):
     import torchvision
 
@@ -178,7 +178,7 @@ def test_the_heatmap_at_224_is_torchvisions_classifier_and_scores_larger_images(
     assert all(np.array_equal(back[k], v.numpy()) for k, v in vgg.state_dict().items())
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # 4096 wide; CI: the published layout (test_published_weights_...) and tutorial backbones
 def test_an_imagenet_vgg_initialises_the_paper_trunk_and_leaves_the_head(torch):
     import torchvision
 
@@ -221,6 +221,7 @@ def test_the_caffe_input_convention():
                                                                  10 - 122.67891434], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_summed_loss_is_the_mean_times_the_valid_pixels():
     from fcn_jax.training.losses import cross_entropy_sum
 
@@ -335,7 +336,7 @@ class _ImagesOfManySizes:
         return list(self.SIZES)
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # CI: tests/test_evaluate.py's bucketed evaluation (the same code for every family)
 def test_evaluating_in_padded_batches_equals_evaluating_each_image_alone():
     from fcn_jax.data.pipeline import EvalBatches
     from fcn_jax.devices import make_mesh

@@ -44,10 +44,12 @@ def _loss_grads_stats(arch, options, shape, remat):
     return loss, nnx.state(grads, nnx.Param), nnx.state(model, nnx.BatchStat)
 
 
-TIERS = {"paper fcn8s vgg11 (narrow fc)": pytest.mark.slow, "fcn_resnet50 with aux, float64": pytest.mark.exhaustive}
+CI_CASE = "tutorial fcn8s vgg11_bn"  # the others: the exhaustive tier
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[TIERS[c]] if c in TIERS else []) for c in CASES])
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[] if c == CI_CASE else [pytest.mark.exhaustive])
+                                  for c in CASES])
 def test_remat_gives_the_same_loss_gradients_and_statistics(case):
     arch, options, shape, tolerance = CASES[case]
     with jax.enable_x64(options.get("dtype") == jnp.float64):

@@ -272,9 +272,10 @@ BROKEN_CONTRACTS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
-@pytest.mark.parametrize("case", sorted(BROKEN_CONTRACTS))
+@pytest.mark.parametrize("case,workers", [  # through worker processes: one case in `make test`, all exhaustive
+    *((case, 0) for case in sorted(BROKEN_CONTRACTS)),
+    *(pytest.param(case, 1, marks=pytest.mark.slow if case == "2-D image" else pytest.mark.exhaustive)
+      for case in sorted(BROKEN_CONTRACTS))])
 def test_a_sample_that_breaks_the_dataset_contract_is_named(case, workers):
     from fcn_jax.data import Loader
     from fcn_jax.data.pipeline import EvalBatches

@@ -53,11 +53,14 @@ def _check_heads(model, twin, torch, size, *, batch=2, train=False, rtol=1e-5):
         assert_close(nchw(ours), ref[name].numpy(), rtol, f"{model.arch} {name} {size}")
 
 
+@pytest.mark.xdist_group("resnet50_pair")
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(1, 1), (64, 64), (97, 131)])
 def test_eval_matches_torchvision_at_odd_and_even_sizes(resnet50_pair, torch, size):
     _check_heads(*resnet50_pair, torch, size)
 
 
+@pytest.mark.xdist_group("resnet50_pair")
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [(33, 200), pytest.param((520, 520), marks=pytest.mark.exhaustive)])
 def test_eval_matches_torchvision_at_a_wide_and_the_published_size(resnet50_pair, torch, size):
@@ -70,6 +73,7 @@ def test_resnet101_eval_matches_torchvision(torch, size):
     _check_heads(*_pair("fcn_resnet101", seed=1), torch, size)
 
 
+@pytest.mark.slow
 def test_train_mode_uses_batch_statistics_and_updates_the_running_ones_like_torchvision(torch):
     model, twin = _pair(dropout=False, seed=2)
     _check_heads(model, twin, torch, (40, 56), train=True, rtol=1e-4)
@@ -118,6 +122,7 @@ def _random_batchnorm_counts(twin, torch):
     return twin
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aux_loss", [True, False])
 def test_the_torchvision_layout_round_trips_bit_for_bit(torch, aux_loss):
     from fcn_jax.pytorch.resnet_reference import random_torchvision_fcn
@@ -134,6 +139,7 @@ def test_the_torchvision_layout_round_trips_bit_for_bit(torch, aux_loss):
     twin.load_state_dict(back, strict=True)
 
 
+@pytest.mark.slow
 def test_imagenet_resnets_load_into_the_backbone_and_fc_is_reported_unused(torch):
     from fcn_jax.pytorch.resnet_reference import build_torchvision_resnet
 
@@ -169,6 +175,7 @@ def test_the_aux_head_in_the_file_and_in_the_model(torch):
         fcn_jax.load_torch_state_dict(aux, without)
 
 
+@pytest.mark.slow
 def test_a_file_of_another_family_or_depth_says_what_to_build(torch):
     from fcn_jax.pytorch.reference import build_torch_model
     from fcn_jax.pytorch.resnet_reference import build_torchvision_fcn, build_torchvision_resnet
@@ -189,6 +196,7 @@ def test_a_file_of_another_family_or_depth_says_what_to_build(torch):
         fcn_jax.load_torch_state_dict(r50, deeper)
 
 
+@pytest.mark.slow
 def test_backbone_and_batch_norm_are_fixed_by_the_arch():
     assert registry.family_of("fcn_resnet101").backbones == ("resnet50", "resnet101")
     with pytest.raises(ConfigError, match="built on resnet50 with BatchNorm"):
@@ -200,6 +208,7 @@ def test_backbone_and_batch_norm_are_fixed_by_the_arch():
                               "num_classes": 21, "aux_loss": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, aux_loss, count", [("fcn_resnet50", True, 35_322_218),
                                                    ("fcn_resnet50", False, 32_957_013),
                                                    ("fcn_resnet101", True, 54_314_346)])
@@ -305,6 +314,7 @@ def test_every_command_takes_the_resnet_archs(torch, tmp_path, capsys):
     assert "2 images, resized to a shorter side of 28" in out and "mean IoU" in out
 
 
+@pytest.mark.slow
 def test_the_torchvision_presets_follow_its_recipe(caplog):
     from fcn_jax.training.config import resolve_config
 

@@ -55,6 +55,7 @@ def test_a_folder_in_use_is_refused_in_one_line_and_left_untouched(tmp_path, cap
         assert _listing(run_dir) == before  # the running run's in-progress checkpoint is still there
 
 
+@pytest.mark.slow
 def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
     run_dir = tmp_path / "run"
     lock = _lock(run_dir, _dead_pid())
@@ -72,14 +73,16 @@ def test_a_lock_on_another_host_is_respected(tmp_path, capsys):
     assert "in use by process 12345 on some-other-host" in err and "delete" in err
 
 
-def test_nothing_to_resume_is_one_line(tmp_path):
+@pytest.mark.slow
+def test_nothing_to_resume_is_one_line(tmp_path, capsys):
     """A run that stopped before its first checkpoint leaves config.json and an empty checkpoints/."""
-    cli = [sys.executable, "-m", "fcn_jax.cli", "train", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    run = ["train", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main([*run, "--synthetic-size", "32", "--synthetic-train", "32", "--synthetic-val", "16",
+                 "--batch-size", "16", "--lr", "1e30", "--warmup-steps", "0", "--schedule", "constant",
+                 "--workers", "1", "--overlays", "0"]) == 2
+    assert "no checkpoint had been written yet" in capsys.readouterr().err
+    cli = [sys.executable, "-m", "fcn_jax.cli", *run]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    diverged = subprocess.run([*cli, "--synthetic-size", "32", "--synthetic-train", "32", "--synthetic-val", "16",
-                               "--batch-size", "16", "--lr", "1e30", "--warmup-steps", "0", "--schedule", "constant",
-                               "--workers", "1", "--overlays", "0"], capture_output=True, text=True, env=env)
-    assert diverged.returncode == 2 and "no checkpoint had been written yet" in diverged.stderr
     for _ in range(3):  # the 42 lines came from a race at interpreter exit: not every attempt showed them
         result = subprocess.run([*cli, "--resume"], capture_output=True, text=True, env=env)
         assert result.returncode == 2
@@ -139,6 +142,7 @@ def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(tmp_path
     assert "checkpoint 4: OUT_OF_RANGE" in result.stderr and "checkpoint 3: OUT_OF_RANGE" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
     import errno
 

@@ -106,6 +106,7 @@ def test_schedules():
         make_schedule("linear", 1.0, total_steps=1, steps_per_epoch=1)
 
 
+@pytest.mark.slow
 def test_frozen_backbone_is_not_updated_but_its_batchnorm_statistics_are():
     from fcn_jax.training.step import trainable
 
@@ -120,6 +121,7 @@ def test_frozen_backbone_is_not_updated_but_its_batchnorm_statistics_are():
     assert int(model.backbone.bns[0].num_batches_tracked[...]) == 1
 
 
+@pytest.mark.slow
 def test_step_on_a_one_device_mesh_runs_with_sharded_inputs():
     model = fcn_jax.create_model("fcns", num_classes=5, backbone="vgg11", batch_norm=True)
     optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
@@ -137,6 +139,7 @@ def _copied_parameters(compiled_hlo: str) -> list[str]:
     return [name for name in re.findall(r" copy\(%([^)]+)\)", entry) if name in parameters]
 
 
+@pytest.mark.slow
 def test_cpu_step_writes_new_buffers_instead_of_copying_donated_parameters():
     # Donated on CPU, XLA copies every parameter before updating it in place (slower than new buffers).
     model = fcn_jax.create_model("fcn16s", num_classes=5, backbone="vgg11", batch_norm=True)

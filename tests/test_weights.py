@@ -27,6 +27,7 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(va[...], vb[...], err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_save_and_load_model_round_trip_exactly(tmp_path):
     model = _trained_model()
     fcn_jax.save_weights(model, tmp_path / "m.safetensors")
@@ -49,6 +50,7 @@ def test_bfloat16_params_round_trip(tmp_path):
     _assert_same_state(model, again)
 
 
+@pytest.mark.slow
 def test_backbone_files_and_backbone_of_a_whole_fcn(tmp_path):
     model = _trained_model()
     fcn_jax.save_weights(model, tmp_path / "fcn.safetensors")
@@ -63,6 +65,7 @@ def test_backbone_files_and_backbone_of_a_whole_fcn(tmp_path):
         fcn_jax.load_weights(fresh, tmp_path / "vgg.safetensors")
 
 
+@pytest.mark.slow
 def test_mismatched_model_lists_keys_with_hints(tmp_path):
     fcn_jax.save_weights(_trained_model(), tmp_path / "m.safetensors")
     other = fcn_jax.create_model("fcns", num_classes=7, backbone="vgg11", batch_norm=False)
@@ -79,7 +82,7 @@ def test_failed_save_leaves_the_previous_file_intact(tmp_path, monkeypatch):
     import safetensors.numpy
 
     path = tmp_path / "m.safetensors"
-    model = _trained_model()
+    model = fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11")
     fcn_jax.save_weights(model, path)
     before = path.read_bytes()
 
@@ -106,7 +109,7 @@ def test_bad_weight_files(tmp_path):
         with pytest.raises(WeightsError, match=message):
             fcn_jax.load_model(tmp_path / name)
     with pytest.raises(WeightsError, match=r"saved as \.safetensors"):
-        fcn_jax.save_weights(_trained_model(), tmp_path / "m.pth")
+        fcn_jax.save_weights(fcn_jax.create_model("fcn32s", num_classes=2, backbone="vgg11"), tmp_path / "m.pth")
 
 
 def test_weights_that_are_not_float_or_not_finite_are_refused(tmp_path):

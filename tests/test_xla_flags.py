@@ -27,6 +27,7 @@ def _flags(code: str, env_update: dict | None = None) -> str:
     return lines[-1] if lines else ""
 
 
+@pytest.mark.slow
 def test_import_changes_no_environment_variable():
     changed = _run("before = dict(os.environ); import fcn_jax, fcn_jax.cli; " + STARTS_JAX + "print(sorted(k for k in "
                    "set(before) | set(os.environ) if before.get(k) != os.environ.get(k)))", {}).stdout.strip()
@@ -36,6 +37,7 @@ def test_import_changes_no_environment_variable():
         "--xla_cpu_enable_fast_math=false")
 
 
+@pytest.mark.slow
 def test_the_call_adds_the_flag_and_keeps_user_flags():
     call = "import fcn_jax; assert fcn_jax.use_fast_cpu_convolutions(); " + STARTS_JAX
     assert _flags(call) == CPU_CONVOLUTION_FLAG
@@ -43,6 +45,7 @@ def test_the_call_adds_the_flag_and_keeps_user_flags():
     assert _flags(call, {"XLA_FLAGS": user}) == f"{user} {CPU_CONVOLUTION_FLAG}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env,before", [
     ({"FCN_JAX_XLA_DEFAULTS": "0"}, ""),
     ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=individual_convolution"}, ""),
@@ -53,11 +56,13 @@ def test_the_call_does_nothing_where_unsafe(env, before):
     assert CPU_CONVOLUTION_FLAG not in _flags(code, env)
 
 
+@pytest.mark.slow
 def test_a_late_call_says_why_it_did_nothing():
     err = _run(f"import fcn_jax; {STARTS_JAX}fcn_jax.use_fast_cpu_convolutions()", {}).stderr
     assert "JAX's backends already started" in err and "before the first JAX computation" in err
 
 
+@pytest.mark.slow
 def test_the_command_sets_the_flag_before_jax_starts():
     result = _run("from fcn_jax.cli import main; main(['summary', '--arch', 'fcn32s']); " + PRINT_FLAGS, {})
     assert result.stdout.strip().splitlines()[-1] == CPU_CONVOLUTION_FLAG
