@@ -1,6 +1,6 @@
 """Runs a few training steps on a mesh of CPU devices and saves losses, parameters and BatchNorm
-statistics to an .npz; started in subprocesses by test_multidevice.py with JAX_ENABLE_X64=1 (device
-counts are fixed when JAX starts, so each configuration needs its own process).
+statistics to an .npz; started in subprocesses by test_multidevice.py (device counts are fixed when JAX
+starts, so each configuration needs its own process).
 
     python tests/multidevice_worker.py OUT.npz NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
 """
@@ -25,10 +25,7 @@ def run(out: str, num_devices: int) -> None:
     from fcn_jax.training.step import train_step
     from fcn_jax.weights.native import flat_variables
 
-    # float64 (JAX_ENABLE_X64=1): reduction order differs between device counts, and float32 rounding
-    # in VGG's backward would hide what the test is after, a different computation.
-    model = fcn_jax.create_model("fcn8s", num_classes=5, backbone="vgg11", batch_norm=True, seed=0,
-                                 dtype=jax.numpy.float64, param_dtype=jax.numpy.float64)
+    model = fcn_jax.create_model("fcn8s", num_classes=5, backbone="vgg11", batch_norm=True, seed=0)
     tx = make_optimizer("sgd", optax.constant_schedule(0.01), momentum=0.9, weight_decay=1e-4)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     mesh = make_mesh(num_devices)

@@ -17,12 +17,15 @@ from fcn_jax.models import torch_feature_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multidevice_worker.py"
-RTOL = 1e-5
+# float32. The reduction order differs between device counts: 1 vs 8 devices measured 3.5e-6 at most (a BatchNorm
+# bias), while a different computation (per-device BatchNorm statistics, a gradient summed instead of averaged)
+# moves the results by 1e-2 or more. (In float64 the 8-device process took 5.1 GB, over the budget; now 2.9 GB.)
+RTOL = 1e-4
 
 
 def _env(devices_per_process: int) -> dict:
     devices = f"--xla_force_host_platform_device_count={devices_per_process}"
-    return {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}"}
 
 
