@@ -18,8 +18,9 @@ from fcn_jax.models import torch_feature_indices
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multidevice_worker.py"
 # float32. The reduction order differs between device counts: 1 vs 8 devices measured 3.5e-6 at most (a BatchNorm
-# bias), while a different computation (per-device BatchNorm statistics, a gradient summed instead of averaged)
-# moves the results by 1e-2 or more. (In float64 the 8-device process took 5.1 GB, over the budget; now 2.9 GB.)
+# bias); a different computation moves the results far more (per-device BatchNorm statistics normalise each image by
+# its own mean instead of the batch's; a gradient summed instead of averaged is an 8x step). (In float64 the
+# 8-device process took 5.1 GB, over the budget; now 2.9 GB.)
 RTOL = 1e-4
 
 
