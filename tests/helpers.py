@@ -30,6 +30,16 @@ def assert_close(out, ref, rtol, what=""):
 NARROW = 64
 
 
+def cpu_env(devices: int = 1) -> dict:
+    """The environment of an fcn-jax subprocess on ``devices`` CPU devices: this repository importable, the flags
+    the test run has kept in XLA_FLAGS (device counts are read when JAX starts, so each count needs a process)."""
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+
+
 def torch_fcn(arch, num_classes=5, backbone="vgg11", batch_norm=False, seed=0, double=False):
     """The reference FCN with random weights and BatchNorm parameters/statistics moved off defaults."""
     from fcn_jax.pytorch.parity import random_reference

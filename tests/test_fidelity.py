@@ -31,12 +31,12 @@ MODELS = list(itertools.product(TUTORIAL_ARCHS, fcn_jax.BACKBONES, (False, True)
 # the backbone's tuple of layers); every arch x depth x BatchNorm is the exhaustive tier.
 COVER = {(a, "vgg11", bn) for a in TUTORIAL_ARCHS for bn in (False, True)} | {("fcn8s", "vgg16", False),
                                                                             ("fcns", "vgg16", True)}
-# Gradients (`make test`): fcns on vgg11 and fcn8s, the decoder with every skip, on vgg11_bn. The forward cover above
-# already catches a wrong layer of any arch, depth and BatchNorm; autodiff through it is the same code either way.
-GRADIENT_COVER = {("fcn8s", "vgg11", True)}
+# Gradients (`make test`): fcns and fcn8s, the decoder with every skip, on vgg11_bn. The forward cover above already
+# catches a wrong layer of any arch, depth and BatchNorm; autodiff through it is the same code either way.
+GRADIENT_COVER = {("fcns", "vgg11", True), ("fcn8s", "vgg11", True)}
 
 
-def matrix(fast: tuple, cover: set = COVER):
+def matrix(fast: tuple | None, cover: set = COVER):
     """Every arch x backbone x BatchNorm: ``fast`` in every tier, ``cover`` in `make test` (slow), the rest
     exhaustive."""
     return [pytest.param(*m, id=f"{m[0]}-{m[1]}{'_bn' if m[2] else ''}",
@@ -94,8 +94,7 @@ def _softmax_ce(logits, labels, ignore=255):
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.sum(valid)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=("fcns", "vgg11", True), cover=GRADIENT_COVER))
+@pytest.mark.parametrize("arch,backbone,batch_norm", matrix(fast=None, cover=GRADIENT_COVER))
 def test_gradients_match_reference_float64(torch, arch, backbone, batch_norm):
     """Train-mode gradients of a pixel-wise softmax cross-entropy (ignore label 255), float64."""
     rng = np.random.default_rng(2)
@@ -152,9 +151,8 @@ def test_full_size_fcn8s_vgg16_eval(torch):
         assert_close(nchw(m(jnp.asarray(nhwc(x)))), tm(torch.from_numpy(x)).numpy(), EVAL_RTOL, "logits 224x224")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(f"{b}{s}", marks=() if b == "vgg11" else pytest.mark.slow
-                                               if f"{b}{s}" == "vgg16_bn" else pytest.mark.exhaustive)
+@pytest.mark.parametrize("name", [pytest.param(f"{b}{s}", marks=pytest.mark.slow if b == "vgg11" or f"{b}{s}" ==
+                                               "vgg16_bn" else pytest.mark.exhaustive)
                                   for b in fcn_jax.BACKBONES for s in ("", "_bn")])
 def test_torchvision_vgg_loads_into_backbone(torch, name):
     """torchvision's real VGG modules (random init): our backbone gives the outputs of applying

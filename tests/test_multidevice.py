@@ -4,7 +4,6 @@ in its own process (CPU device counts are fixed at start-up)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from fcn_jax.models import torch_feature_indices
+from tests.helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "multidevice_worker.py"
@@ -24,14 +24,8 @@ WORKER = ROOT / "tests" / "multidevice_worker.py"
 RTOL = 1e-4
 
 
-def _env(devices_per_process: int) -> dict:
-    devices = f"--xla_force_host_platform_device_count={devices_per_process}"
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {devices}"}
-
-
 def _run(out: Path, devices: int, devices_per_process: int) -> dict:
-    result = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], env=_env(devices_per_process),
+    result = subprocess.run([sys.executable, str(WORKER), str(out), str(devices)], env=cpu_env(devices_per_process),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(np.load(out))
@@ -70,7 +64,7 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "two.npz"
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), "4", coordinator, "2", str(pid)],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in range(2)]
     try:
         logs = [p.communicate(timeout=600) for p in procs]

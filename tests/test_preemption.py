@@ -4,7 +4,6 @@ was never interrupted, as it does after SIGKILL. Single process and two processe
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -15,18 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import cpu_env
+
 EXIT_STOPPED = 75
 SMALL = ["--no-progress", "--synthetic-size", "32", "--synthetic-train", "96", "--synthetic-val", "32",
          "--batch-size", "8", "--epochs", "2", "--checkpoint-every-steps", "100", "--workers", "1",
          "--overlays", "0", "--log-every-steps", "1"]
 
 pytestmark = pytest.mark.slow
-
-
-def _env(devices: int = 1) -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
 
 
 def _train(run_dir: Path, *extra: str) -> list[str]:
@@ -45,21 +40,26 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def _wait_for_step(run_dir: Path, step: int, proc, timeout=600) -> None:
-    """Until metrics.jsonl has logged ``step`` (training is under way, mid-epoch)."""
+def _wait_until(done, proc, what: str, timeout=600) -> None:
+    """Until ``done()`` is true while ``proc`` still runs."""
     deadline = time.time() + timeout
-    log = run_dir / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and f'"step": {step},' in log.read_text():
+        if done():
             return
         time.sleep(0.05)
-    raise AssertionError(f"training never reached step {step}")
+    raise AssertionError(f"training never {what}")
+
+
+def _wait_for_step(run_dir: Path, step: int, proc) -> None:
+    """Until metrics.jsonl has logged ``step`` (training is under way, mid-epoch)."""
+    log = run_dir / "metrics.jsonl"
+    _wait_until(lambda: log.is_file() and f'"step": {step},' in log.read_text(), proc, f"reached step {step}")
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> dict:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(_train(run_dir), env=_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(_train(run_dir), env=cpu_env(), check=True, capture_output=True, timeout=600)
     return _final(run_dir)
 
 
@@ -67,7 +67,7 @@ def straight(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.exhaustive)])
 def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path, sig):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train(run_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train(run_dir), env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_step(run_dir, 3, proc)  # mid-epoch: an epoch is 12 steps, checkpoints only every 100
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
@@ -79,7 +79,7 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight
     text = out + err
     assert f"stopped at step {stopped}" in text and f"checkpoint of step {stopped}" in text
     assert f"fcn-jax train --resume --run-dir {run_dir}" in text
-    resumed = subprocess.run(_train(run_dir, "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_train(run_dir, "--resume"), env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(straight, _final(run_dir))
 
@@ -90,19 +90,16 @@ def test_a_killed_run_resumes_bit_identical(straight, tmp_path):
     never must not change the result."""
     run_dir = tmp_path / "run"
     every_3 = ("--checkpoint-every-steps", "3")
-    proc = subprocess.Popen(_train(run_dir, *every_3), env=_env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_train(run_dir, *every_3), env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if any(p.name.isdigit() and int(p.name) >= 6 for p in (run_dir / "checkpoints").glob("*")):
-            time.sleep(0.7)  # land somewhere inside a later step or save
-            break
-        time.sleep(0.05)
+    _wait_until(lambda: any(p.name.isdigit() and int(p.name) >= 6 for p in (run_dir / "checkpoints").glob("*")),
+                proc, "checkpointed step 6")
+    time.sleep(0.7)  # land somewhere inside a later step or save
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "final.safetensors").exists()
-    resumed = subprocess.run(_train(run_dir, *every_3, "--resume"), env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(_train(run_dir, *every_3, "--resume"), env=cpu_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(straight, _final(run_dir))
@@ -110,7 +107,7 @@ def test_a_killed_run_resumes_bit_identical(straight, tmp_path):
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train(run_dir, "--epochs", "50"), env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(_train(run_dir, "--epochs", "50"), env=cpu_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(run_dir, 2, proc)
     proc.send_signal(signal.SIGINT)
@@ -135,7 +132,7 @@ def _two_processes(run_dir: Path, *extra: str) -> list[subprocess.Popen]:
     coordinator = f"127.0.0.1:{_free_port()}"
     return [subprocess.Popen(_train(run_dir, "--distributed", "--coordinator", coordinator, "--num-processes", "2",
                                     "--process-id", str(pid), *extra),
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for pid in range(2)]
 
 
