@@ -24,8 +24,6 @@ from tests.helpers import NARROW
 
 pytest.importorskip("onnxruntime")
 
-SLOW = pytest.mark.slow
-
 
 def _model(arch, backbone="vgg11", batch_norm=False, num_classes=3):
     extra = {"fc_width": NARROW} if arch.endswith("_paper") else {"batch_norm": batch_norm}
@@ -51,20 +49,21 @@ def _assert_verified(model, fmt, **options):
     return data, checks
 
 
-@pytest.mark.slow  # fcn8s: every layer kind of the tutorial's heads; the paper's fcn8s heads: theirs
+@pytest.mark.slow  # fcn8s: every layer kind of the tutorial's heads; fcn8s_atonce_paper: the paper's (fcn8s_paper's
+# skips and crops, and the scaled pool3/pool4 inputs)
 @pytest.mark.parametrize("arch,batch_norm", [
-    ("fcn8s", True), ("fcn8s_paper", False), ("fcn8s_atonce_paper", False),
+    ("fcn8s", True), ("fcn8s_atonce_paper", False),
     *(pytest.param(arch, bn, marks=pytest.mark.exhaustive) for arch, bn in (
-        ("fcn32s", False), ("fcn16s", True), ("fcns", False), ("fcn32s_paper", False), ("fcn16s_paper", False)))])
+        ("fcn32s", False), ("fcn16s", True), ("fcns", False), ("fcn32s_paper", False), ("fcn16s_paper", False),
+        ("fcn8s_paper", False)))])
 def test_onnx_equals_jax_at_two_sizes(arch, batch_norm):
     _, checks = _assert_verified(_model(arch, batch_norm=batch_norm), "onnx")
     assert {c.shape[1:3] for c in checks} == {(64, 96), (37, 45)}  # dynamic height and width, any size
     assert max(c.relative for c in checks) <= TOLERANCE
 
 
-@pytest.mark.parametrize("backbone,batch_norm", [pytest.param("vgg13", True, marks=pytest.mark.exhaustive),
-                                                 pytest.param("vgg16", False, marks=SLOW),
-                                                 pytest.param("vgg19", True, marks=pytest.mark.exhaustive)])
+@pytest.mark.exhaustive  # the depth only lengthens the backbone's list of layers; CI: vgg11 above
+@pytest.mark.parametrize("backbone,batch_norm", [("vgg13", True), ("vgg16", False), ("vgg19", True)])
 def test_onnx_every_depth(backbone, batch_norm):
     _assert_verified(_model("fcn8s", backbone, batch_norm), "onnx")
     _assert_verified(_model("fcn16s_paper", backbone), "onnx")

@@ -63,48 +63,64 @@ def straight(tmp_path_factory) -> dict:
     return _final(run_dir)
 
 
-@pytest.mark.xdist_group("straight")
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.exhaustive)])
-def test_a_stop_signal_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path, sig):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train(run_dir), env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for_step(run_dir, 3, proc)  # mid-epoch: an epoch is 12 steps, checkpoints only every 100
+def _stop_with(sig, run_dir: Path, proc, after_step: int) -> int:
+    """Send ``sig`` once ``after_step`` is logged; the run must finish its step, checkpoint it, say how to resume and
+    exit with 75. Returns the step it stopped at."""
+    _wait_for_step(run_dir, after_step, proc)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    stopped = steps[-1]
-    assert 3 <= stopped < 12, steps  # the step in progress, not an epoch end
+    stopped = _checkpoints(run_dir)[-1]
+    assert after_step <= stopped < 12, stopped  # the step in progress, not an epoch end
     text = out + err
     assert f"stopped at step {stopped}" in text and f"checkpoint of step {stopped}" in text
     assert f"fcn-jax train --resume --run-dir {run_dir}" in text
-    resumed = subprocess.run(_train(run_dir, "--resume"), env=cpu_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same(straight, _final(run_dir))
+    return stopped
+
+
+def _checkpoints(run_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.mark.xdist_group("straight")
-def test_a_killed_run_resumes_bit_identical(straight, tmp_path):
-    """SIGKILL (no handler runs) somewhere inside a step or a save; also checkpointing every 3 steps instead of
-    never must not change the result."""
+def test_stopped_then_killed_then_resumed_is_bit_identical(straight, tmp_path):
+    """SIGTERM mid-epoch checkpoints the step in progress; the resumed run, killed by SIGKILL (no handler runs)
+    somewhere inside a later step or save, resumes again from its last whole checkpoint; the result is the
+    uninterrupted run's to the bit, although that one never checkpointed mid-epoch (every 5 steps here)."""
     run_dir = tmp_path / "run"
-    every_3 = ("--checkpoint-every-steps", "3")
-    proc = subprocess.Popen(_train(run_dir, *every_3), env=cpu_env(), stdout=subprocess.DEVNULL,
+    every_5 = ("--checkpoint-every-steps", "5")
+    proc = subprocess.Popen(_train(run_dir, *every_5), env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    stopped = _stop_with(signal.SIGTERM, run_dir, proc, after_step=2)  # an epoch is 12 steps
+
+    proc = subprocess.Popen(_train(run_dir, *every_5, "--resume"), env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_until(lambda: any(p.name.isdigit() and int(p.name) >= 6 for p in (run_dir / "checkpoints").glob("*")),
-                proc, "checkpointed step 6")
+    _wait_until(lambda: _checkpoints(run_dir)[-1] >= 10, proc, "checkpointed step 10")
     time.sleep(0.7)  # land somewhere inside a later step or save
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "final.safetensors").exists()
-    resumed = subprocess.run(_train(run_dir, *every_3, "--resume"), env=cpu_env(), capture_output=True, text=True,
+    assert not (run_dir / "final.safetensors").exists() and _checkpoints(run_dir)[0] >= stopped
+
+    resumed = subprocess.run(_train(run_dir, *every_5, "--resume"), env=cpu_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same(straight, _final(run_dir))
 
 
+@pytest.mark.xdist_group("straight")
+@pytest.mark.exhaustive  # CI: SIGTERM, the same handler, in test_stopped_then_killed_then_resumed_is_bit_identical
+def test_ctrl_c_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train(run_dir), env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _stop_with(signal.SIGINT, run_dir, proc, after_step=3)
+    resumed = subprocess.run(_train(run_dir, "--resume"), env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same(straight, _final(run_dir))
+
+
+@pytest.mark.exhaustive  # a training process of its own for one message (20 s); CI: SIGTERM's stop
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train(run_dir, "--epochs", "50"), env=cpu_env(), stdout=subprocess.PIPE,
@@ -145,7 +161,7 @@ def _finish(procs) -> list[tuple[int, str]]:
     return [(p.returncode, out + err) for p, (out, err) in zip(procs, results, strict=True)]
 
 
-@pytest.mark.exhaustive  # six processes (5 min); CI keeps the two-process run of test_multidevice.py
+@pytest.mark.exhaustive  # six processes (5 min); CI: the one-process stop above, eight devices in test_multidevice.py
 def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
     straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
     for code, text in _finish(_two_processes(straight_dir)):
@@ -156,7 +172,7 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
     results = _finish(procs)
     for code, text in results:
         assert code == EXIT_STOPPED, text[-3000:]
-    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    steps = _checkpoints(run_dir)
     assert all(f"stopped at step {steps[-1]}" in text for _, text in results), [t[-500:] for _, t in results]
     for code, text in _finish(_two_processes(run_dir, "--resume")):
         assert code == 0, text[-3000:]

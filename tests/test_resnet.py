@@ -67,6 +67,19 @@ def test_eval_matches_torchvision_at_a_wide_and_the_published_size(resnet50_pair
     _check_heads(*resnet50_pair, torch, size, batch=1 if size == (520, 520) else 2)
 
 
+@pytest.mark.xdist_group("resnet50_pair")
+@pytest.mark.slow
+def test_the_onnx_graph_equals_the_model(resnet50_pair):
+    """The graph written layer by layer (dilated bottlenecks, the bilinear Resize) in onnxruntime, at two sizes."""
+    pytest.importorskip("onnxruntime")
+    from fcn_jax.deploy.exporting import default_verify_sizes, export, verify
+
+    model = resnet50_pair[0]
+    model.eval()
+    checks = verify(model, export(model, "onnx"), "onnx", shapes=default_verify_sizes(model, "onnx", None))
+    assert len(checks) == 2 and all(c.ok for c in checks), [c.describe() for c in checks]
+
+
 @pytest.mark.exhaustive
 @pytest.mark.parametrize("size", [(1, 1), (64, 64), (97, 131), (33, 200)])
 def test_resnet101_eval_matches_torchvision(torch, size):
@@ -265,7 +278,9 @@ def test_summary_prints_the_published_count(capsys):
     assert "54,314,346 trainable parameters" in capsys.readouterr().out
 
 
-@pytest.mark.slow
+# 90 s; CI: the layouts (test_the_torchvision_layout_round_trips_bit_for_bit), the recipe's step (test_one_sgd_step...),
+# the ONNX graph (test_the_onnx_graph_equals_the_model), every command through the registry (test_architecture.py)
+@pytest.mark.exhaustive
 def test_every_command_takes_the_resnet_archs(torch, tmp_path, capsys):
     """convert (whole file, verified; ImageNet backbone), train from the backbone, evaluate, predict, export; heatmap
     refuses; all in this process, on tiny inputs."""

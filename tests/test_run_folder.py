@@ -3,8 +3,11 @@ created or cleaned, stale locks of dead processes, corrupt latest checkpoints, h
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,14 +58,32 @@ def test_a_folder_in_use_is_refused_in_one_line_and_left_untouched(tmp_path, cap
         assert _listing(run_dir) == before  # the running run's in-progress checkpoint is still there
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, str]:
+    """A finished 2-epoch run (checkpoints at steps 3, 4, 6, 8), started over the stale lock of a dead process, and
+    the notes it gave; tests work on copies of it."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    _lock(run_dir, _dead_pid())
+    notes = io.StringIO()
+    handler = logging.StreamHandler(notes)
+    logging.getLogger("fcn_jax").addHandler(handler)
+    try:
+        train(resolve_config(**SMALL, keep_checkpoints=4, run_dir=str(run_dir)), progress=False)
+    finally:
+        logging.getLogger("fcn_jax").removeHandler(handler)
+    return run_dir, notes.getvalue()
+
+
+def _copy(run: tuple[Path, str], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run[0], tmp_path / "run"))
+
+
+@pytest.mark.xdist_group("finished_run")
 @pytest.mark.slow
-def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, caplog):
-    run_dir = tmp_path / "run"
-    lock = _lock(run_dir, _dead_pid())
-    with caplog.at_level("INFO", logger="fcn_jax"):
-        train(resolve_config(**{**SMALL, "epochs": 1}, run_dir=str(run_dir)), progress=False)
-    assert "stale lock" in caplog.text
-    assert not lock.exists()  # released at the end
+def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(finished_run):
+    run_dir, notes = finished_run
+    assert "stale lock" in notes
+    assert not (run_dir / ".lock").exists()  # released at the end
 
 
 def test_a_lock_on_another_host_is_respected(tmp_path, capsys):
@@ -101,10 +122,10 @@ def _truncate_a_data_file(checkpoint: Path) -> Path:
     return victim
 
 
+@pytest.mark.xdist_group("finished_run")
 @pytest.mark.slow
-def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_files(tmp_path):
-    run_dir = tmp_path / "run"
-    train(resolve_config(**SMALL, keep_checkpoints=4, run_dir=str(run_dir)), progress=False)
+def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_files(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
     assert _checkpoints(run_dir) == [3, 4, 6, 8]  # every 3 steps and at the end of each 4-step epoch
     uninterrupted = load_file(run_dir / "final.safetensors")
     _truncate_a_data_file(run_dir / "checkpoints" / "8")
@@ -127,10 +148,10 @@ def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_file
     assert sorted(p.name.split("-")[0] for p in (run_dir / "damaged_checkpoints").iterdir()) == ["6", "8"]
 
 
+@pytest.mark.xdist_group("finished_run")
 @pytest.mark.slow
-def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(tmp_path):
-    run_dir = tmp_path / "run"
-    train(resolve_config(**{**SMALL, "epochs": 1}, run_dir=str(run_dir)), progress=False)
+def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
     for step in _checkpoints(run_dir):
         _truncate_a_data_file(run_dir / "checkpoints" / str(step))
     result = subprocess.run([sys.executable, "-m", "fcn_jax.cli", "train", "--resume", "--run-dir", str(run_dir),
