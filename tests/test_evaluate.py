@@ -12,6 +12,7 @@ import fcn_jax
 from fcn_jax.cli import main
 from fcn_jax.data import get_dataset, normalize
 from fcn_jax.inference.metrics import confusion_matrix, segmentation_metrics
+from tests.helpers import forward
 from tests.test_datasets import _folder, _jpg, _label, _palette_png
 
 
@@ -24,7 +25,7 @@ def folder_with_sizes(tmp_path):
         _palette_png(root / "masks" / "train" / f"im{i}.png", _label(i, h, w, classes=3))
     weights = tmp_path / "model.safetensors"
     model = fcn_jax.create_model("fcn8s", num_classes=3, backbone="vgg11", batch_norm=True, seed=2)
-    model(jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32))  # BN stats
+    forward(model, jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32))  # BN stats
     fcn_jax.save_weights(model, weights)
     return root, weights
 
@@ -45,7 +46,7 @@ def test_bucketed_evaluation_equals_whole_image_evaluation(folder_with_sizes, tm
     conf = np.zeros((3, 3), np.int64)
     for i in range(len(data)):  # one whole image at a time, no batching or buckets
         image, label = data[i]
-        logits = model(jnp.asarray(normalize(image[None])))
+        logits = forward(model, jnp.asarray(normalize(image[None])))
         conf += np.asarray(confusion_matrix(logits, jnp.asarray(label[None].astype(np.int32)), 3))
     np.testing.assert_array_equal(report["confusion_matrix"], conf)
     want = segmentation_metrics(conf, list(data.class_names))

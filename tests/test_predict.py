@@ -11,6 +11,7 @@ import fcn_jax
 from fcn_jax.cli import main
 from fcn_jax.data import normalize
 from fcn_jax.data.synthetic import SyntheticShapes
+from tests.helpers import forward
 
 pytestmark = pytest.mark.xdist_group("weights")  # one worker makes the module's weights file
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.xdist_group("weights")  # one worker makes the module's
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     model = fcn_jax.create_model("fcns", num_classes=5, backbone="vgg11", batch_norm=True, seed=4)
-    model(jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32))
+    forward(model, jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32))  # BN stats
     path = tmp_path_factory.mktemp("w") / "m.safetensors"
     ds = SyntheticShapes("val")
     fcn_jax.save_weights(model, path, class_names=ds.class_names, palette=ds.palette)
@@ -37,7 +38,7 @@ def test_predict_api_equals_one_image_at_a_time(weights):
     masks = fcn_jax.predict(model, images, batch_size=2)
     logits = fcn_jax.predict(model, images[1], logits=True)
     for image, mask in zip(images, masks, strict=True):
-        alone = np.asarray(jnp.argmax(model(jnp.asarray(normalize(image[None]))), -1))[0]
+        alone = np.asarray(jnp.argmax(forward(model, jnp.asarray(normalize(image[None]))), -1))[0]
         np.testing.assert_array_equal(mask, alone)
         assert mask.shape == image.shape[:2] and mask.dtype == np.uint8
     assert logits.shape == (45, 33, 5)
