@@ -18,7 +18,7 @@ from fcn_jax.models.layers import max_pool_2x2, pad_to_even
 from fcn_jax.models.paper import Upsampling, bilinear_kernel
 from fcn_jax.training.losses import cross_entropy
 from fcn_jax.training.step import train_step, trainable
-from tests.helpers import NARROW, TinyDataset, assert_close, nchw, nhwc
+from tests.helpers import NARROW, TinyDataset, assert_close, forward, nchw, nhwc
 
 PAPER_ARCHS = registry.archs(family="paper")
 
@@ -39,7 +39,7 @@ def _check_logits(model, twin, torch, size, *, train=False, rtol=1e-5):
     with torch.no_grad():
         ref = twin(torch.from_numpy(x)).numpy()
     with jax.default_matmul_precision("highest"):
-        out = nchw(np.asarray(model(jnp.asarray(nhwc(x)))))
+        out = nchw(np.asarray(forward(model, jnp.asarray(nhwc(x)))))
     assert out.shape == ref.shape == (2, model.num_classes, *size)
     assert_close(out, ref, rtol, f"{model.arch} {size}")
 
@@ -205,7 +205,8 @@ def test_training_leaves_the_upsampling_frozen_unless_asked_and_dropout_follows_
         loss = float(train_step(model, optimizer, x, y, cross_entropy, dropout_seed=dropout_seed))
         return loss, not np.array_equal(before, model.upscore2.kernel[...])
 
-    assert isinstance(MODELS["fcn16s_paper"](3, fc_width=NARROW, rngs=nnx.Rngs(0)).upscore2.kernel, Upsampling)
+    published = nnx.eval_shape(lambda: MODELS["fcn16s_paper"](3, fc_width=NARROW, rngs=nnx.Rngs(0)))
+    assert isinstance(published.upscore2.kernel, Upsampling)
     frozen_loss, changed = step()
     assert not changed
     assert step(learn_upsampling=True)[1]
