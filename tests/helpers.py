@@ -33,12 +33,16 @@ NARROW = 64
 
 def cpu_env(devices: int = 1) -> dict:
     """The environment of an fcn-jax subprocess on ``devices`` CPU devices: this repository importable, the flags
-    the test run has kept in XLA_FLAGS (device counts are read when JAX starts, so each count needs a process)."""
+    the test run has kept in XLA_FLAGS (device counts are read when JAX starts, so each count needs a process).
+    One device is JAX's default on CPU: no flag then, so that the subprocess's compilation-cache keys (which
+    include XLA_FLAGS) are the test process's own, and it loads the programs the tests compiled before it."""
     import os
 
     root = Path(__file__).resolve().parents[1]
-    return {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
+    flags = os.environ.get("XLA_FLAGS", "")
+    if devices != 1:
+        flags = f"{flags} --xla_force_host_platform_device_count={devices}"
+    return {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
 
 
 @nnx.jit

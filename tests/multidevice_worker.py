@@ -2,7 +2,10 @@
 statistics to an .npz; started in subprocesses by test_multidevice.py (device counts are fixed when JAX
 starts, so each configuration needs its own process).
 
-    python tests/multidevice_worker.py OUT.npz NUM_DEVICES [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/multidevice_worker.py OUT.npz NUM_DEVICES[,NUM_DEVICES...] [COORDINATOR NUM_PROCESSES PROCESS_ID]
+
+One run per device count, one after the other, each from the same initial model on the first devices of the
+process's own; OUT holds each run's arrays under ``"<count>/"``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import optax
 from flax import nnx
 
 
-def run(out: str, num_devices: int) -> None:
+def run(num_devices: int) -> dict:
     import fcn_jax
     from fcn_jax.data import Loader, SyntheticShapes
     from fcn_jax.devices import host_array, make_mesh, replicate_state, shard_batch
@@ -36,14 +39,15 @@ def run(out: str, num_devices: int) -> None:
     for batch in itertools.islice(loader, 3):
         batch = shard_batch(batch, mesh)
         losses.append(float(host_array(train_step(model, optimizer, batch["image"], batch["label"], cross_entropy))))
-    if jax.process_index() == 0:
-        np.savez(out, losses=np.array(losses), devices=mesh.size,
-                 **{k: host_array(v[...]) for k, v in flat_variables(model).items()})
+    return {"losses": np.array(losses), "devices": mesh.size,
+            **{k: host_array(v[...]) for k, v in flat_variables(model).items()}}
 
 
 if __name__ == "__main__":
-    out, devices = sys.argv[1], int(sys.argv[2])
+    out, counts = sys.argv[1], [int(n) for n in sys.argv[2].split(",")]
     if len(sys.argv) > 3:
         jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]),
                                    process_id=int(sys.argv[5]))
-    run(out, devices)
+    runs = {f"{n}/{key}": value for n in counts for key, value in run(n).items()}
+    if jax.process_index() == 0:
+        np.savez(out, **runs)

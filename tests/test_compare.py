@@ -96,7 +96,7 @@ def test_compare_fails_on_a_real_difference(torch, monkeypatch, capsys):
     assert "differ by more than the tolerance" in captured.err
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # CI: the loading itself in test_cli.py (convert --verify) and test_weights.py
 def test_compare_loads_weights_files(torch, tmp_path):
     tm = random_reference("fcn8s", 4, "vgg11", False, seed=3)
     pth = tmp_path / "ref.pth"
