@@ -58,7 +58,8 @@ def test_loss_of_a_fully_ignored_batch_is_zero():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,settings", [
-    ("sgd", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4)),
+    # CI: test_each_optimizer_updates_like_pytorchs, and torchvision's recipe step against PyTorch in test_resnet.py
+    pytest.param("sgd", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4), marks=pytest.mark.exhaustive),
     pytest.param("rmsprop", dict(lr=1e-4, momentum=0.0, nesterov=False, weight_decay=1e-5),  # the reference's
                  marks=pytest.mark.exhaustive),
 ])
@@ -94,6 +95,37 @@ def test_training_steps_match_torch_float64(torch, name, settings):
         np.testing.assert_allclose(final[key], v.numpy(), rtol=1e-7, atol=1e-9, err_msg=key)
 
 
+@pytest.mark.parametrize("name,settings,torch_optimizer", [
+    ("sgd", dict(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4), "SGD"),
+    ("rmsprop", dict(lr=1e-3, momentum=0.5, nesterov=False, weight_decay=1e-5), "RMSprop"),
+    ("adamw", dict(lr=1e-3, momentum=0.0, nesterov=False, weight_decay=1e-2), "AdamW")])
+def test_each_optimizer_updates_like_pytorchs(torch, name, settings, torch_optimizer):
+    """Four updates of two tensors from the same gradients, float64 (the whole step with a model, in the exhaustive
+    tier: test_training_steps_match_torch_float64)."""
+    rng = np.random.default_rng(0)
+    params = {"kernel": rng.standard_normal((3, 4)), "bias": rng.standard_normal(4)}
+    grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(4)]
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    extra = {"SGD": dict(momentum=settings["momentum"], nesterov=settings["nesterov"]),
+             "RMSprop": dict(alpha=0.99, eps=1e-8, momentum=settings["momentum"]),
+             "AdamW": dict(eps=1e-8)}[torch_optimizer]
+    topt = getattr(torch.optim, torch_optimizer)(tensors.values(), lr=settings["lr"],
+                                                 weight_decay=settings["weight_decay"], **extra)
+    with jax.enable_x64(True):
+        tx = make_optimizer(name, optax.constant_schedule(settings["lr"]), momentum=settings["momentum"],
+                            nesterov=settings["nesterov"], weight_decay=settings["weight_decay"])
+        ours = jax.tree.map(jnp.asarray, params)
+        state = tx.init(ours)
+        for g in grads:
+            for k, t in tensors.items():
+                t.grad = torch.tensor(g[k])
+            topt.step()
+            updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, ours)
+            ours = optax.apply_updates(ours, updates)
+            for k, t in tensors.items():
+                np.testing.assert_allclose(np.asarray(ours[k]), t.detach().numpy(), rtol=1e-12, err_msg=k)
+
+
 def test_schedules():
     step = make_schedule("step", 0.1, total_steps=100, steps_per_epoch=10, step_epochs=2, gamma=0.5)
     assert [float(step(s)) for s in (0, 19, 20, 40)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
@@ -121,7 +153,7 @@ def test_frozen_backbone_is_not_updated_but_its_batchnorm_statistics_are():
     assert int(model.backbone.bns[0].num_batches_tracked[...]) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.exhaustive  # CI: every training run in the tests is one, and test_multidevice's 1- and 8-device meshes
 def test_step_on_a_one_device_mesh_runs_with_sharded_inputs():
     model = fcn_jax.create_model("fcns", num_classes=5, backbone="vgg11", batch_norm=True)
     optimizer = nnx.Optimizer(model, optax.sgd(0.01), wrt=nnx.Param)
