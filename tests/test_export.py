@@ -20,7 +20,7 @@ from fcn_jax.data import normalize
 from fcn_jax.deploy.exporting import TOLERANCE, default_verify_sizes, export, verify
 from fcn_jax.errors import ConfigError, MissingExtraError
 from fcn_jax.models import MODELS
-from tests.helpers import NARROW
+from tests.helpers import NARROW, forward
 
 pytest.importorskip("onnxruntime")
 
@@ -94,7 +94,7 @@ def test_stablehlo_reloads_without_fcn_jax(arch, batch_norm, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "float32[b,32*h,32*w,3]" in done.stdout  # batch, height and width symbolic
     with jax.default_matmul_precision("highest"):
-        ref = np.asarray(model(jnp.asarray(x)))
+        ref = np.asarray(forward(model, jnp.asarray(x)))
     assert np.abs(np.load(tmp_path / "y.npy") - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
@@ -119,7 +119,7 @@ def test_preprocessing_takes_uint8_rgb_and_returns_the_class_ids_of_the_model(fm
     else:
         classes, scores = jax.export.deserialize(bytearray(data)).call(pixels)
     with jax.default_matmul_precision("highest"):
-        logits = np.asarray(model(jnp.asarray(normalize(pixels, "caffe"))))
+        logits = np.asarray(forward(model, jnp.asarray(normalize(pixels, "caffe"))))
     assert classes.shape == (2, 64, 32) and np.issubdtype(classes.dtype, np.integer)
     assert (np.asarray(classes) == logits.argmax(-1)).mean() > 0.999 and len(np.unique(classes)) > 1
     np.testing.assert_allclose(np.asarray(scores).sum(-1), 1.0, rtol=1e-5)
