@@ -41,7 +41,8 @@ test-fast: $(VENV)/.dev
 	$(PY) -m pytest -q $(XDIST) -m "not slow and not exhaustive"
 
 # The full matrices (every arch x depth x BatchNorm, the ConvTranspose grid, every paper head x depth, FCN-ResNet101)
-# and the longest twins of slow tests (the six-process preemption run, SIGINT beside SIGTERM): on demand.
+# and the multi-process twins of in-process proofs (stop/kill/resume through real processes, two hosts, every
+# command on FCN-ResNet-50): on demand, before a release.
 test-exhaustive: $(VENV)/.dev
 	$(PY) -m pytest -q $(XDIST) -m exhaustive
 
