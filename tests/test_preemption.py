@@ -4,12 +4,10 @@ was never interrupted, as it does after SIGKILL. Single process and two processe
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -65,40 +63,6 @@ def straight(tmp_path_factory) -> dict:
     return _final(run_dir)
 
 
-def test_a_stop_request_checkpoints_the_step_in_progress_and_resume_is_bit_identical(tmp_path, monkeypatch):
-    """SIGTERM to this very process after step 3 of a 12-step epoch; the three runs share one compiled step (25 s;
-    the same through real processes, with SIGKILL: test_stopped_then_killed_then_resumed_is_bit_identical)."""
-    import fcn_jax.training.run as run
-    from fcn_jax.training.config import resolve_config
-    from fcn_jax.training.stopping import TrainingStopped
-
-    assert threading.current_thread() is threading.main_thread()  # else no handler: the signal would end pytest
-    settings = dict(synthetic_size=32, synthetic_train=48, synthetic_val=8, batch_size=4, epochs=2, workers=0,
-                    overlays=0, checkpoint_every_steps=100)
-    run.train(resolve_config(**settings, run_dir=str(tmp_path / "straight")), progress=False)
-    steps = []
-
-    def step_then_sigterm(*args, **kwargs):
-        out = run_step(*args, **kwargs)
-        steps.append(1)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    run_step = run.train_step
-    monkeypatch.setattr(run, "train_step", step_then_sigterm)
-    run_dir = tmp_path / "run"
-    with pytest.raises(TrainingStopped) as stopped:
-        run.train(resolve_config(**settings, run_dir=str(run_dir)), progress=False)
-    monkeypatch.undo()
-    assert str(stopped.value).startswith("stopped at step 3 (epoch 1, batch 3 of 12) on SIGTERM: wrote the checkpoint "
-                                         f"of step 3 to {run_dir / 'checkpoints'}. Resume with: fcn-jax train "
-                                         f"--resume --run-dir {run_dir}")
-    assert _checkpoints(run_dir) == [3] and not (run_dir / "final.safetensors").exists()
-    run.resume(str(run_dir), progress=False)
-    _assert_same(_final(tmp_path / "straight"), _final(run_dir))
-
-
 def _stop_with(sig, run_dir: Path, proc, after_step: int) -> int:
     """Send ``sig`` once ``after_step`` is logged; the run must finish its step, checkpoint it, say how to resume and
     exit with 75. Returns the step it stopped at."""
@@ -120,8 +84,9 @@ def _checkpoints(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.xdist_group("straight")
-@pytest.mark.exhaustive  # four training processes (90 s); CI: the in-process stop above, SIGTERM before the first step
-# in test_reported_cases.py (a real process, exit 75), and corrupt checkpoints left by a kill in test_run_folder.py
+# Exhaustive: four training processes (90 s). CI: test_run_folder.py's in-process stop request and a kill's damaged
+# checkpoints; SIGTERM before the first step in test_reported_cases.py (a real process, exit 75)
+@pytest.mark.exhaustive
 def test_stopped_then_killed_then_resumed_is_bit_identical(straight, tmp_path):
     """SIGTERM mid-epoch checkpoints the step in progress; the resumed run, killed by SIGKILL (no handler runs)
     somewhere inside a later step or save, resumes again from its last whole checkpoint; the result is the
@@ -148,7 +113,7 @@ def test_stopped_then_killed_then_resumed_is_bit_identical(straight, tmp_path):
 
 
 @pytest.mark.xdist_group("straight")
-@pytest.mark.exhaustive  # CI: SIGTERM, the same handler, in test_stopped_then_killed_then_resumed_is_bit_identical
+@pytest.mark.exhaustive  # CI: SIGTERM, the same handler, in test_run_folder.py's stop request
 def test_ctrl_c_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(_train(run_dir), env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,5 +1,6 @@
-"""One run per folder, and a resume that survives what killed runs leave behind: a lock taken before anything is
-created or cleaned, stale locks of dead processes, corrupt latest checkpoints, half-written files."""
+"""One run per folder, and a resume that survives what stopped and killed runs leave behind: a lock taken before
+anything is created or cleaned, stale locks of dead processes, a stop request's checkpoint, corrupt latest
+checkpoints, half-written files."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +22,7 @@ from safetensors.numpy import load_file
 
 from fcn_jax.cli import main
 from fcn_jax.training.config import resolve_config
-from fcn_jax.training.run import train
+from fcn_jax.training.run import resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(synthetic_size=32, synthetic_train=64, synthetic_val=16, batch_size=16, workers=1, overlays=0,
@@ -109,6 +112,43 @@ def test_nothing_to_resume_is_one_line(tmp_path, capsys):
         assert result.returncode == 2
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "nothing to resume" in result.stderr
+
+
+@pytest.mark.xdist_group("finished_run")
+@pytest.mark.slow
+def test_a_stop_request_checkpoints_the_step_in_progress_and_resume_is_bit_identical(finished_run, tmp_path,
+                                                                                     monkeypatch):
+    """SIGTERM to this very process after step 2 of a 4-step epoch (no periodic checkpoint there); resumed, the run
+    ends as the uninterrupted one to the bit. Through real processes, with SIGKILL as well:
+    tests/test_preemption.py (exhaustive tier)."""
+    import fcn_jax.training.run as run
+    from fcn_jax.training.stopping import TrainingStopped
+
+    assert threading.current_thread() is threading.main_thread()  # else no handler: the signal would end pytest
+    steps = []
+
+    def step_then_sigterm(*args, **kwargs):
+        out = run_step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    run_step = run.train_step
+    monkeypatch.setattr(run, "train_step", step_then_sigterm)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(resolve_config(**SMALL, keep_checkpoints=4, run_dir=str(run_dir)), progress=False)
+    monkeypatch.undo()
+    assert str(stopped.value).startswith(f"stopped at step 2 (epoch 1, batch 2 of 4) on SIGTERM: wrote the checkpoint "
+                                         f"of step 2 to {run_dir / 'checkpoints'}. Resume with: fcn-jax train "
+                                         f"--resume --run-dir {run_dir}")
+    assert _checkpoints(run_dir) == [2] and not (run_dir / "final.safetensors").exists()
+    resume(str(run_dir), progress=False)
+    uninterrupted, again = load_file(finished_run[0] / "final.safetensors"), load_file(run_dir / "final.safetensors")
+    assert again.keys() == uninterrupted.keys()
+    for key in again:
+        np.testing.assert_array_equal(again[key], uninterrupted[key], err_msg=key)
 
 
 def _checkpoints(run_dir: Path) -> list[int]:
