@@ -203,6 +203,7 @@ def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(finished
     assert "checkpoint 4: OUT_OF_RANGE" in result.stderr and "checkpoint 3: OUT_OF_RANGE" in result.stderr
 
 
+@pytest.mark.xdist_group("finished_run")
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
     import errno
@@ -214,9 +215,9 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, m
 
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "--synthetic-size", "32", "--synthetic-train", "32",
-                 "--synthetic-val", "16", "--batch-size", "16", "--epochs", "1", "--workers", "1", "--overlays", "0",
-                 "--no-progress"]) == 2
+    assert main(["train", "--run-dir", str(run_dir), "--synthetic-size", "32", "--synthetic-train", "64",  # SMALL's:
+                 "--synthetic-val", "16", "--batch-size", "16", "--epochs", "2", "--workers", "1",  # its programs
+                 "--overlays", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert f"no space left on the device while writing {run_dir / 'best.safetensors'}" in err

@@ -95,6 +95,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert RunCheckpoints(tmp_path / "nan" / "checkpoints", 2).latest_step() == 1
 
 
+@pytest.mark.xdist_group("short_run")  # the short run's settings: its compiled step, on the same worker
 @pytest.mark.slow
 def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     """An update can turn the parameters to NaN while the loss (computed before it) is still finite."""
@@ -103,7 +104,7 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, monkeypatch):
     calls = []
     real = run.all_finite
     monkeypatch.setattr(run, "all_finite", lambda tree: calls.append(1) or (real(tree) & (len(calls) < 3)))
-    config = resolve_config(**{**SMALL, "synthetic_train": 64}, checkpoint_every_steps=1, run_dir=str(tmp_path / "p"))
+    config = resolve_config(**SMALL, epochs=3, checkpoint_every_steps=1, run_dir=str(tmp_path / "p"))
     with pytest.raises(TrainingDiverged, match=r"the parameters became NaN or infinite at step 3 .*last good "
                                                r"checkpoint is step 2"):
         train(config, progress=False)
