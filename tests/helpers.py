@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 from PIL import Image
+
+from fcn_jax.models import compiled_forward as forward  # noqa: F401 (the tests' compiled model(images))
 
 
 def nhwc(x):
@@ -43,14 +44,6 @@ def cpu_env(devices: int = 1) -> dict:
     if devices != 1:
         flags = f"{flags} --xla_force_host_platform_device_count={devices}"
     return {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
-
-
-@nnx.jit
-def forward(model, images):
-    """``model(images)`` as one compiled program (a train-mode model updates its BatchNorm statistics). Called
-    eagerly, a model compiles each of its operations for every new input shape (~40 programs of ~0.3 s for a
-    VGG11 on 2 cores): the slowest part of a test that runs a few images of different sizes."""
-    return model(images)
 
 
 def torch_fcn(arch, num_classes=5, backbone="vgg11", batch_norm=False, seed=0, double=False):

@@ -35,7 +35,7 @@ from fcn_jax.choices import EXPORT_FORMATS, NORMALIZATIONS
 from fcn_jax.data.normalization import normalize, normalize_on_device
 from fcn_jax.errors import ConfigError, InputError
 from fcn_jax.inference.runs import input_normalization
-from fcn_jax.models import Segmenter
+from fcn_jax.models import Segmenter, compiled_forward
 from fcn_jax.models.modes import in_mode
 from fcn_jax.notes import note
 
@@ -162,14 +162,7 @@ def verify(model, data: bytes, format: str, *, with_preprocessing: bool = False,
 
 def _jax_logits(model, images: np.ndarray) -> np.ndarray:
     with in_mode(model, train=False), jax.default_matmul_precision("highest"):
-        return np.asarray(_compiled_call(model, jnp.asarray(images)))
-
-
-@nnx.jit
-def _compiled_call(model, images):
-    """One program per input shape: called eagerly, a model compiles each of its operations separately (a
-    ResNet-50's verification took minutes on 2 CPU cores)."""
-    return model(images)
+        return np.asarray(compiled_forward(model, jnp.asarray(images)))
 
 
 def _relative(ours: np.ndarray, reference: np.ndarray, scale: float | None = None) -> float:

@@ -11,7 +11,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
@@ -27,7 +26,7 @@ from fcn_jax.devices import DATA_AXIS, device_batch_size, make_mesh, replicate_s
 from fcn_jax.errors import ConfigError, DatasetError, InputError
 from fcn_jax.inference.drawing import blend, colorize, picture
 from fcn_jax.inference.runs import input_normalization, resolve_weights
-from fcn_jax.models import forward
+from fcn_jax.models import compiled_forward
 from fcn_jax.models.modes import in_mode
 from fcn_jax.weights.native import load_model, read_weights_config
 
@@ -56,9 +55,6 @@ class _Images:
 
     def image_sizes(self):
         return [im.shape[:2] for im in self.images]
-
-
-_forward = nnx.jit(forward)
 
 
 def available_memory() -> int | None:
@@ -92,7 +88,7 @@ def _compile_buckets(model, batches: EvalBatches, mesh) -> dict:
     """One compiled forward pass per size bucket (what jit would compile on the way), keyed by batch shape."""
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     shapes = {(batches.global_batch_size, bh, bw, 3) for (bh, bw), _ in batches.batches}
-    return {shape: _forward.lower(model, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
+    return {shape: compiled_forward.lower(model, jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding),
                                   jax.ShapeDtypeStruct((shape[0], 2), jnp.int32, sharding=sharding)).compile()
             for shape in sorted(shapes)}
 
