@@ -99,6 +99,18 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed(ref):
     np.testing.assert_array_equal(model.classifier.kernel[...], before)  # nothing written
 
 
+def test_a_shapes_only_model_left_with_an_empty_variable_is_an_error(ref, monkeypatch):
+    """convert builds whole networks shapes only (no random initialisation): a layout table that missed a layer
+    must not let a model with an empty variable through to be saved."""
+    from fcn_jax.weights import tutorial_layout
+
+    table = tutorial_layout.layer_table
+    monkeypatch.setattr(tutorial_layout, "layer_table", lambda model: table(model)[:-1])  # no classifier
+    model = nnx.eval_shape(_model)
+    with pytest.raises(WeightsError, match=r"gives no value for: classifier\.bias, classifier\.kernel"):
+        fcn_jax.load_torch_state_dict(model, ref.state_dict(), strict=False)
+
+
 def test_non_strict_ignores_unexpected_keys(ref):
     sd = {**ref.state_dict(), "extra.weight": ref.state_dict()["deconv1.bias"]}
     report = fcn_jax.load_torch_state_dict(_model(), sd, strict=False)

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -250,10 +251,19 @@ def load_torch_state_dict(model: Segmenter | VGGBackbone, source, *, strict: boo
         # jnp.array copies: jnp.asarray may alias the torch tensor's memory on CPU, and torch
         # updates BatchNorm statistics in place.
         var.set_value(jnp.array(field.to_flax(sd[key], var.shape), dtype=var.dtype, copy=True))
+    _check_filled(model)
     for text in notes:
         note(text)
     ignored += [k for k in sd if k not in entries]
     return LoadReport(loaded=list(entries), ignored=ignored, notes=notes)
+
+
+def _check_filled(model) -> None:
+    """A model built with ``nnx.eval_shape`` (shapes only) must come out with every variable from the weights."""
+    empty = [".".join(map(str, path)) for path, var in nnx.to_flat_state(nnx.state(model))
+             if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if empty:
+        raise WeightsError(f"the torch layout of {type(model).__name__} gives no value for: {', '.join(empty)}")
 
 
 def _check_family(model: Segmenter, found: dict) -> None:
