@@ -21,16 +21,27 @@ def _x(shape, seed=0):
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+def _twin(layer_class, ref, *args, **kwargs):
+    """Our layer holding torch layer ``ref``'s weights; built shapes only, as a random initialisation would compile
+    a program for each kernel shape (~0.5 s each here) only to be written over."""
+    ours = nnx.eval_shape(lambda: layer_class(*args, rngs=nnx.Rngs(0), **kwargs))
+    ours.kernel.set_value(jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0)))
+    ours.bias.set_value(jnp.asarray(ref.bias.detach().numpy()))
+    return ours
+
+
+def _forward(layer, x):
+    return nnx.jit(lambda m, xx: m(xx))(layer, x)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("k,s,p,d", [(3, 1, 1, 1), (1, 1, 0, 1), (3, 2, 0, 1), (5, 1, 2, 2), (3, 3, 2, 1)])
 def test_conv2d_matches_torch(torch, k, s, p, d):
     ref = torch.nn.Conv2d(4, 6, k, stride=s, padding=p, dilation=d)
-    ours = Conv2d(4, 6, k, stride=s, padding=p, dilation=d, rngs=nnx.Rngs(0))
-    ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
-    ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+    ours = _twin(Conv2d, ref, 4, 6, k, stride=s, padding=p, dilation=d)
     x = _x((2, 4, 13, 17))
     with torch.no_grad():
-        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
+        assert_close(nchw(_forward(ours, jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL)
 
 
 @pytest.mark.slow
@@ -39,16 +50,15 @@ def test_large_kernels_over_small_maps_are_one_matrix_product_and_match_torch(to
     """fc6's case (a 7x7 kernel, a map a few pixels larger): computed as patches x kernel, forward and gradients."""
     ref = torch.nn.Conv2d(5, 8, 7, padding=p).double()
     with jax.enable_x64(True):
-        ours = Conv2d(5, 8, 7, padding=p, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+        ours = _twin(Conv2d, ref, 5, 8, 7, padding=p, dtype=jnp.float64, param_dtype=jnp.float64)
         assert ours._by_patches(h, w, 7, 7) and not Conv2d(5, 8, 3, rngs=nnx.Rngs(0))._by_patches(h, w, 3, 3)
-        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
-        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
         x = _x((2, 5, h, w)).astype(np.float64)
         tx = torch.from_numpy(x).requires_grad_()
         out = ref(tx)
         (out ** 2).sum().backward()
-        layer_grads, x_grad = nnx.grad(lambda m, x: (m(x) ** 2).sum(), argnums=(0, 1))(ours, jnp.asarray(nhwc(x)))
-        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), out.detach().numpy(), 1e-12)
+        layer_grads, x_grad = nnx.jit(nnx.grad(lambda m, x: (m(x) ** 2).sum(), argnums=(0, 1)))(
+            ours, jnp.asarray(nhwc(x)))
+        assert_close(nchw(_forward(ours, jnp.asarray(nhwc(x)))), out.detach().numpy(), 1e-12)
         assert_close(layer_grads["kernel"][...], ref.weight.grad.numpy().transpose(2, 3, 1, 0), 1e-12)
         assert_close(nchw(x_grad), tx.grad.numpy(), 1e-12)
 
@@ -65,12 +75,10 @@ def test_conv2d_small_inputs_match_torch(torch, h, w, k, s, p, d):
     cot = np.random.default_rng(1).standard_normal(tuple(y.shape))
     (y * torch.from_numpy(cot)).sum().backward()
     with jax.enable_x64(True):
-        ours = Conv2d(3, 5, k, stride=s, padding=p, dilation=d, dtype=jnp.float64, param_dtype=jnp.float64,
-                      rngs=nnx.Rngs(0))
-        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
-        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+        ours = _twin(Conv2d, ref, 3, 5, k, stride=s, padding=p, dilation=d, dtype=jnp.float64,
+                     param_dtype=jnp.float64)
         xj = jnp.asarray(nhwc(x.detach().numpy()))
-        out = nnx.jit(lambda layer, xx: layer(xx))(ours, xj)
+        out = _forward(ours, xj)
         grads, dx = nnx.jit(nnx.grad(lambda layer, xx: jnp.sum(layer(xx) * jnp.asarray(nhwc(cot))),
                                      argnums=(0, 1)))(ours, xj)
     assert_close(nchw(out), y.detach().numpy(), 1e-10, "values and shape")
@@ -84,7 +92,7 @@ def test_conv2d_small_inputs_keep_xla_from_swapping_operands():
     """On a 2x4 input XLA would swap the convolution's operands (a reversed-kernel window) and its CPU
     backend would run that ~50x slower; the zero-extended input keeps the ordinary convolution, also
     in the backward pass."""
-    layer = Conv2d(16, 16, 3, padding=1, rngs=nnx.Rngs(0))
+    layer = nnx.eval_shape(lambda: Conv2d(16, 16, 3, padding=1, rngs=nnx.Rngs(0)))  # only compiled, never run
     x = jnp.ones((2, 2, 4, 16))
     grad = nnx.grad(lambda m, xx: m(xx).sum(), argnums=(0, 1))
     for fn in (lambda m, xx: m(xx), grad):
@@ -116,12 +124,11 @@ def _tiered(settings, fast: set, cover: set):
 @pytest.mark.parametrize("k,s,p,op,d", _tiered(TRANSPOSE_SETTINGS, TRANSPOSE_COVER, TRANSPOSE_COVER))
 def test_conv_transpose2d_matches_torch(torch, k, s, p, op, d):
     ref = torch.nn.ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d)
-    ours = ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d, rngs=nnx.Rngs(0))
-    ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
-    ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+    ours = _twin(ConvTranspose2d, ref, 3, 5, k, stride=s, padding=p, output_padding=op, dilation=d)
     x = _x((2, 3, 7, 6))
     with torch.no_grad():
-        assert_close(nchw(ours(jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL, "values and shape")
+        assert_close(nchw(_forward(ours, jnp.asarray(nhwc(x)))), ref(torch.from_numpy(x)).numpy(), RTOL,
+                     "values and shape")
 
 
 def _check_conv_transpose_float64(torch, k, s, p, op, d, h, w, rtol=1e-10):
@@ -132,17 +139,15 @@ def _check_conv_transpose_float64(torch, k, s, p, op, d, h, w, rtol=1e-10):
     cot = np.random.default_rng(1).standard_normal(tuple(y.shape))
     (y * torch.from_numpy(cot)).sum().backward()
     with jax.enable_x64(True):
-        ours = ConvTranspose2d(3, 5, k, stride=s, padding=p, output_padding=op, dilation=d, dtype=jnp.float64,
-                               param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-        ours.kernel[...] = jnp.asarray(ref.weight.detach().numpy().transpose(2, 3, 1, 0))
-        ours.bias[...] = jnp.asarray(ref.bias.detach().numpy())
+        ours = _twin(ConvTranspose2d, ref, 3, 5, k, stride=s, padding=p, output_padding=op, dilation=d,
+                     dtype=jnp.float64, param_dtype=jnp.float64)
         xj = jnp.asarray(nhwc(x.detach().numpy()))
 
         def f(layer, xx):
             return jnp.sum(layer(xx) * jnp.asarray(cot.transpose(0, 2, 3, 1)))
 
-        out = ours(xj)
-        grads, dx = nnx.grad(f, argnums=(0, 1))(ours, xj)
+        out = _forward(ours, xj)
+        grads, dx = nnx.jit(nnx.grad(f, argnums=(0, 1)))(ours, xj)
     assert_close(nchw(out), y.detach().numpy(), rtol, "values and shape")
     assert_close(nchw(dx), x.grad.numpy(), rtol, "input gradient")
     assert_close(np.asarray(grads["kernel"][...]).transpose(3, 2, 0, 1), ref.weight.grad.numpy(), rtol, "kernel")
