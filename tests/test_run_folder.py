@@ -25,7 +25,9 @@ from fcn_jax.training.config import resolve_config
 from fcn_jax.training.run import resume, train
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(synthetic_size=32, synthetic_train=64, synthetic_val=16, batch_size=16, workers=1, overlays=0,
+# Batches loaded in the main process (a worker process costs ~2 s a run and epoch here): the runs' workers are
+# tests/test_train.py's short run and tests/test_input_pipeline.py's, stopped and killed in tests/test_preemption.py.
+SMALL = dict(synthetic_size=32, synthetic_train=64, synthetic_val=16, batch_size=16, workers=0, overlays=0,
              epochs=2, checkpoint_every_steps=3)
 
 
@@ -103,7 +105,7 @@ def test_nothing_to_resume_is_one_line(tmp_path, capsys):
     run = ["train", "--run-dir", str(tmp_path / "run"), "--no-progress"]
     assert main([*run, "--synthetic-size", "32", "--synthetic-train", "32", "--synthetic-val", "16",
                  "--batch-size", "16", "--lr", "1e30", "--warmup-steps", "0", "--schedule", "constant",
-                 "--workers", "1", "--overlays", "0"]) == 2
+                 "--workers", "0", "--overlays", "0"]) == 2
     assert "no checkpoint had been written yet" in capsys.readouterr().err
     cli = [sys.executable, "-m", "fcn_jax.cli", *run]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -216,7 +218,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, m
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     run_dir = tmp_path / "run"
     assert main(["train", "--run-dir", str(run_dir), "--synthetic-size", "32", "--synthetic-train", "64",  # SMALL's:
-                 "--synthetic-val", "16", "--batch-size", "16", "--epochs", "2", "--workers", "1",  # its programs
+                 "--synthetic-val", "16", "--batch-size", "16", "--epochs", "2", "--workers", "0",  # its programs
                  "--overlays", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
