@@ -33,7 +33,7 @@ def run(num_devices: int) -> dict:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     mesh = make_mesh(num_devices)
     replicate_state((model, optimizer), mesh)
-    loader = Loader(SyntheticShapes("train", num_samples=64, size=(32, 32)), 8, seed=0,
+    loader = Loader(SyntheticShapes("train", num_samples=64, size=(32, 32)), 8, seed=0, workers=0,
                     process_index=jax.process_index(), process_count=jax.process_count())
     losses = []
     for batch in itertools.islice(loader, 3):
