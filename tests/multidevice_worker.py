@@ -2,10 +2,12 @@
 statistics to an .npz; started in subprocesses by test_multidevice.py (device counts are fixed when JAX
 starts, so each configuration needs its own process).
 
-    python tests/multidevice_worker.py OUT.npz NUM_DEVICES[,NUM_DEVICES...] [COORDINATOR NUM_PROCESSES PROCESS_ID]
+    python tests/multidevice_worker.py OUT.npz WEIGHTS NUM_DEVICES[,NUM_DEVICES...] \
+        [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
-One run per device count, one after the other, each from the same initial model on the first devices of the
-process's own; OUT holds each run's arrays under ``"<count>/"``.
+One run per device count, one after the other, each from the initial model in WEIGHTS (an fcn-jax .safetensors made
+by the test: loading it compiles nothing, a random initialisation compiles a program per parameter shape) on the
+first devices of the process's own; OUT holds each run's arrays under ``"<count>/"``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import optax
 from flax import nnx
 
 
-def run(num_devices: int) -> dict:
+def run(weights: str, num_devices: int) -> dict:
     import fcn_jax
     from fcn_jax.data import Loader, SyntheticShapes
     from fcn_jax.devices import host_array, make_mesh, replicate_state, shard_batch
@@ -28,7 +30,8 @@ def run(num_devices: int) -> dict:
     from fcn_jax.training.step import train_step
     from fcn_jax.weights.native import flat_variables
 
-    model = fcn_jax.create_model("fcn8s", num_classes=5, backbone="vgg11", batch_norm=True, seed=0)
+    model = fcn_jax.load_model(weights)
+    model.train()
     tx = make_optimizer("sgd", optax.constant_schedule(0.01), momentum=0.9, weight_decay=1e-4)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     mesh = make_mesh(num_devices)
@@ -44,10 +47,10 @@ def run(num_devices: int) -> dict:
 
 
 if __name__ == "__main__":
-    out, counts = sys.argv[1], [int(n) for n in sys.argv[2].split(",")]
-    if len(sys.argv) > 3:
-        jax.distributed.initialize(coordinator_address=sys.argv[3], num_processes=int(sys.argv[4]),
-                                   process_id=int(sys.argv[5]))
-    runs = {f"{n}/{key}": value for n in counts for key, value in run(n).items()}
+    out, weights, counts = sys.argv[1], sys.argv[2], [int(n) for n in sys.argv[3].split(",")]
+    if len(sys.argv) > 4:
+        jax.distributed.initialize(coordinator_address=sys.argv[4], num_processes=int(sys.argv[5]),
+                                   process_id=int(sys.argv[6]))
+    runs = {f"{n}/{key}": value for n in counts for key, value in run(weights, n).items()}
     if jax.process_index() == 0:
         np.savez(out, **runs)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fcn_jax
 from fcn_jax.models import torch_feature_indices
 from tests.helpers import cpu_env
 
@@ -24,9 +25,17 @@ WORKER = ROOT / "tests" / "multidevice_worker.py"
 RTOL = 1e-4
 
 
-def _run(out: Path, counts: str, devices_per_process: int) -> dict[int, dict]:
-    result = subprocess.run([sys.executable, str(WORKER), str(out), counts], env=cpu_env(devices_per_process),
-                            capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def weights(tmp_path) -> str:
+    """The runs' initial model: FCN8s on vgg11_bn, 5 classes."""
+    path = tmp_path / "start.safetensors"
+    fcn_jax.save_weights(fcn_jax.create_model("fcn8s", num_classes=5, backbone="vgg11", batch_norm=True, seed=0), path)
+    return str(path)
+
+
+def _run(out: Path, weights: str, counts: str, devices_per_process: int) -> dict[int, dict]:
+    result = subprocess.run([sys.executable, str(WORKER), str(out), weights, counts],
+                            env=cpu_env(devices_per_process), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return _by_count(out)
 
@@ -56,8 +65,8 @@ def _assert_same_training(a: dict, b: dict) -> None:
 
 
 @pytest.mark.slow
-def test_eight_devices_train_like_one(tmp_path):
-    runs = _run(tmp_path / "runs.npz", "1,8", 8)  # one process: the model's start-up is paid once
+def test_eight_devices_train_like_one(tmp_path, weights):
+    runs = _run(tmp_path / "runs.npz", weights, "1,8", 8)  # one process: the model's start-up is paid once
     one, eight = runs[1], runs[8]
     assert (int(one["devices"]), int(eight["devices"])) == (1, 8)
     _assert_same_training(one, eight)
@@ -70,10 +79,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.exhaustive
-def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path, weights):
     coordinator = f"127.0.0.1:{_free_port()}"
     out = tmp_path / "two.npz"
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), "4", coordinator, "2", str(pid)],
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), weights, "4", coordinator, "2", str(pid)],
                               env=cpu_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for pid in range(2)]
     try:
@@ -84,6 +93,6 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     for p, (_, err) in zip(procs, logs, strict=True):
         assert p.returncode == 0, err[-3000:]
     two = _by_count(out)[4]
-    four = _run(tmp_path / "four.npz", "4", 4)[4]
+    four = _run(tmp_path / "four.npz", weights, "4", 4)[4]
     assert int(two["devices"]) == int(four["devices"]) == 4  # 2 processes x 2 devices vs 1 x 4
     _assert_same_training(four, two)

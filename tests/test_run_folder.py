@@ -103,8 +103,9 @@ def test_a_lock_on_another_host_is_respected(tmp_path, capsys):
 def test_nothing_to_resume_is_one_line(tmp_path, capsys):
     """A run that stopped before its first checkpoint leaves config.json and an empty checkpoints/."""
     run = ["train", "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    assert main([*run, "--synthetic-size", "32", "--synthetic-train", "16", "--synthetic-val", "16",  # the step of
-                 "--batch-size", "8", "--lr", "1e30", "--warmup-steps", "0", "--schedule", "constant",  # test_train's NaN
+    # test_train's NaN run's settings, so its compiled step
+    assert main([*run, "--synthetic-size", "32", "--synthetic-train", "16", "--synthetic-val", "16",
+                 "--batch-size", "8", "--lr", "1e30", "--warmup-steps", "0", "--schedule", "constant",
                  "--workers", "0", "--overlays", "0"]) == 2
     assert "no checkpoint had been written yet" in capsys.readouterr().err
     cli = [sys.executable, "-m", "fcn_jax.cli", *run]
