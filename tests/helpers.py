@@ -26,6 +26,21 @@ def assert_close(out, ref, rtol, what=""):
     assert d.relative <= rtol, f"{what}: max abs error {d.max_abs:.3e} > {rtol:g} x max |ref| {d.max_ref:.3e}"
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of a run folder's checkpoints, in order."""
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two fcn-jax weights files hold the same tensors, bit for bit."""
+    from safetensors.numpy import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
 # fc6/fc7 of the paper's nets in most tests: 4096 wide as published (fc6 alone: 103M weights), but neither the
 # heads nor the exported graphs depend on the width; the full width is checked by the published layout, the
 # heatmap and the trunk tests.

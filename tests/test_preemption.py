@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.helpers import cpu_env
+from tests.helpers import assert_same_weights, checkpoint_steps, cpu_env
 
 EXIT_STOPPED = 75
+FINAL = "final.safetensors"
 SMALL = ["--no-progress", "--synthetic-size", "32", "--synthetic-train", "96", "--synthetic-val", "32",
          "--batch-size", "8", "--epochs", "2", "--checkpoint-every-steps", "100", "--workers", "1",
          "--overlays", "0", "--log-every-steps", "1"]
@@ -26,18 +26,6 @@ pytestmark = pytest.mark.slow
 
 def _train(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fcn_jax.cli", "train", "--run-dir", str(run_dir), *SMALL, *extra]
-
-
-def _final(run_dir: Path) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(run_dir / "final.safetensors")
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _wait_until(done, proc, what: str, timeout=600) -> None:
@@ -57,10 +45,10 @@ def _wait_for_step(run_dir: Path, step: int, proc) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> dict:
+def straight(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight") / "run"
     subprocess.run(_train(run_dir), env=cpu_env(), check=True, capture_output=True, timeout=600)
-    return _final(run_dir)
+    return run_dir / FINAL
 
 
 def _stop_with(sig, run_dir: Path, proc, after_step: int) -> int:
@@ -71,16 +59,12 @@ def _stop_with(sig, run_dir: Path, proc, after_step: int) -> int:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
-    stopped = _checkpoints(run_dir)[-1]
+    stopped = checkpoint_steps(run_dir)[-1]
     assert after_step <= stopped < 12, stopped  # the step in progress, not an epoch end
     text = out + err
     assert f"stopped at step {stopped}" in text and f"checkpoint of step {stopped}" in text
     assert f"fcn-jax train --resume --run-dir {run_dir}" in text
     return stopped
-
-
-def _checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.mark.xdist_group("straight")
@@ -99,17 +83,17 @@ def test_stopped_then_killed_then_resumed_is_bit_identical(straight, tmp_path):
 
     proc = subprocess.Popen(_train(run_dir, *every_5, "--resume"), env=cpu_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_until(lambda: _checkpoints(run_dir)[-1] >= 10, proc, "checkpointed step 10")
+    _wait_until(lambda: checkpoint_steps(run_dir)[-1] >= 10, proc, "checkpointed step 10")
     time.sleep(0.7)  # land somewhere inside a later step or save
     assert proc.poll() is None, "the run finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / "final.safetensors").exists() and _checkpoints(run_dir)[0] >= stopped
+    assert not (run_dir / "final.safetensors").exists() and checkpoint_steps(run_dir)[0] >= stopped
 
     resumed = subprocess.run(_train(run_dir, *every_5, "--resume"), env=cpu_env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same(straight, _final(run_dir))
+    assert_same_weights(straight, run_dir / FINAL)
 
 
 @pytest.mark.xdist_group("straight")
@@ -120,7 +104,7 @@ def test_ctrl_c_checkpoints_the_step_and_resume_is_bit_identical(straight, tmp_p
     _stop_with(signal.SIGINT, run_dir, proc, after_step=3)
     resumed = subprocess.run(_train(run_dir, "--resume"), env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same(straight, _final(run_dir))
+    assert_same_weights(straight, run_dir / FINAL)
 
 
 @pytest.mark.exhaustive  # a training process of its own for one message (20 s); CI: SIGTERM's stop
@@ -175,8 +159,8 @@ def test_two_processes_stop_at_the_same_step_and_resume_bit_identical(tmp_path):
     results = _finish(procs)
     for code, text in results:
         assert code == EXIT_STOPPED, text[-3000:]
-    steps = _checkpoints(run_dir)
+    steps = checkpoint_steps(run_dir)
     assert all(f"stopped at step {steps[-1]}" in text for _, text in results), [t[-500:] for _, t in results]
     for code, text in _finish(_two_processes(run_dir, "--resume")):
         assert code == 0, text[-3000:]
-    _assert_same(_final(straight_dir), _final(run_dir))
+    assert_same_weights(straight_dir / FINAL, run_dir / FINAL)

@@ -16,13 +16,12 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from fcn_jax.cli import main
 from fcn_jax.training.config import resolve_config
 from fcn_jax.training.run import resume, train
+from tests.helpers import assert_same_weights, checkpoint_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # Batches loaded in the main process (a worker process costs ~2 s a run and epoch here): the runs' workers are
@@ -146,16 +145,9 @@ def test_a_stop_request_checkpoints_the_step_in_progress_and_resume_is_bit_ident
     assert str(stopped.value).startswith(f"stopped at step 2 (epoch 1, batch 2 of 4) on SIGTERM: wrote the checkpoint "
                                          f"of step 2 to {run_dir / 'checkpoints'}. Resume with: fcn-jax train "
                                          f"--resume --run-dir {run_dir}")
-    assert _checkpoints(run_dir) == [2] and not (run_dir / "final.safetensors").exists()
+    assert checkpoint_steps(run_dir) == [2] and not (run_dir / "final.safetensors").exists()
     resume(str(run_dir), progress=False)
-    uninterrupted, again = load_file(finished_run[0] / "final.safetensors"), load_file(run_dir / "final.safetensors")
-    assert again.keys() == uninterrupted.keys()
-    for key in again:
-        np.testing.assert_array_equal(again[key], uninterrupted[key], err_msg=key)
-
-
-def _checkpoints(run_dir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert_same_weights(finished_run[0] / "final.safetensors", run_dir / "final.safetensors")
 
 
 def _truncate_a_data_file(checkpoint: Path) -> Path:
@@ -169,8 +161,8 @@ def _truncate_a_data_file(checkpoint: Path) -> Path:
 @pytest.mark.slow
 def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_files(finished_run, tmp_path):
     run_dir = _copy(finished_run, tmp_path)
-    assert _checkpoints(run_dir) == [3, 4, 6, 8]  # every 3 steps and at the end of each 4-step epoch
-    uninterrupted = load_file(run_dir / "final.safetensors")
+    assert checkpoint_steps(run_dir) == [3, 4, 6, 8]  # every 3 steps and at the end of each 4-step epoch
+    uninterrupted = Path(shutil.copy(run_dir / "final.safetensors", tmp_path / "uninterrupted.safetensors"))
     _truncate_a_data_file(run_dir / "checkpoints" / "8")
     (run_dir / "checkpoints" / "6" / "data" / "metadata").write_text("{not json")
     half_written = run_dir / ".best.safetensors.tmp-4242"
@@ -184,10 +176,7 @@ def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_file
     assert f"skipped checkpoint 6, which does not restore ({run_dir}/checkpoints/6/data/metadata is not" in text
     assert len(text.splitlines()) < 40, text[:3000]  # orbax's aborted restore alone printed 11,192 lines
     assert not half_written.exists()
-    again = load_file(run_dir / "final.safetensors")  # steps 5..8 again, bit for bit
-    assert again.keys() == uninterrupted.keys()
-    for key in again:
-        np.testing.assert_array_equal(again[key], uninterrupted[key], err_msg=key)
+    assert_same_weights(uninterrupted, run_dir / "final.safetensors")  # steps 5..8 again, bit for bit
     assert sorted(p.name.split("-")[0] for p in (run_dir / "damaged_checkpoints").iterdir()) == ["6", "8"]
 
 
@@ -195,7 +184,7 @@ def test_resume_falls_back_past_corrupt_checkpoints_and_cleans_half_written_file
 @pytest.mark.slow
 def test_no_restorable_checkpoint_says_which_failed_and_why_in_one_line(finished_run, tmp_path):
     run_dir = _copy(finished_run, tmp_path)
-    for step in _checkpoints(run_dir):
+    for step in checkpoint_steps(run_dir):
         _truncate_a_data_file(run_dir / "checkpoints" / str(step))
     result = subprocess.run([sys.executable, "-m", "fcn_jax.cli", "train", "--resume", "--run-dir", str(run_dir),
                              "--no-progress"], capture_output=True, text=True,
