@@ -28,7 +28,7 @@ from fcn_jax import extras, registry
 from fcn_jax.errors import WeightsError, check_keys, check_values
 from fcn_jax.models import Segmenter, VGGBackbone, torch_feature_indices
 from fcn_jax.notes import note
-from fcn_jax.weights.native import read_safetensors
+from fcn_jax.weights.native import flat_variables, read_safetensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,8 +260,7 @@ def load_torch_state_dict(model: Segmenter | VGGBackbone, source, *, strict: boo
 
 def _check_filled(model) -> None:
     """A model built with ``nnx.eval_shape`` (shapes only) must come out with every variable from the weights."""
-    empty = [".".join(map(str, path)) for path, var in nnx.to_flat_state(nnx.state(model))
-             if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    empty = [name for name, var in flat_variables(model).items() if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
     if empty:
         raise WeightsError(f"the torch layout of {type(model).__name__} gives no value for: {', '.join(empty)}")
 
